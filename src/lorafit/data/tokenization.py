@@ -93,6 +93,25 @@ class Encoded:
         out["label"] = self.labels[i].item()
         return out
 
+    def select(self, indices: np.ndarray | list[int]) -> Encoded:
+        """A new ``Encoded`` holding examples ``indices``, in that order (not cached)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        lengths = self.lengths[indices]
+        offsets = np.zeros(len(indices) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        gather = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices]) if len(indices) \
+            else np.zeros(0, dtype=np.int64)
+        return Encoded(
+            input_ids=self.input_ids[gather],
+            offsets=offsets,
+            token_type_ids=None if self.token_type_ids is None else self.token_type_ids[gather],
+            labels=self.labels[indices],
+            split=self.split,
+            max_length=self.max_length,
+            is_regression=self.is_regression,
+            cache_key=f"{self.cache_key}[subset]",
+        )
+
 
 def _tokenizer_identity(tokenizer: Any) -> str:
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -101,7 +120,9 @@ def _tokenizer_identity(tokenizer: Any) -> str:
     # after its first use. encode_split passes both explicitly, so they are not identity.
     backend.pop("truncation", None)
     backend.pop("padding", None)
-    digest = hashlib.sha256(json.dumps(backend, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    # to_str() writes keys in a fixed order, so no sort_keys (which, like ensure_ascii=False,
+    # falls back to the slow pure-Python encoder on a 30k-entry vocabulary).
+    digest = hashlib.sha256(json.dumps(backend).encode("ascii"))
     return f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}:{digest.hexdigest()}"
 
 

@@ -163,6 +163,49 @@ def _check_base(model: nn.Module, directory: Path, metadata: dict[str, Any]) -> 
         )
 
 
+def load_lora_weights(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Copy the LoRA factors (not the head) of an adapter into an adapted model.
+
+    This is how the paper starts MRPC, RTE and STS-B from the MNLI adapter: the low-rank updates
+    carry over, while the head, whose label set differs, starts fresh. Every LoRA layer of the
+    model must be in the file with the same shape.
+    """
+    directory = Path(directory)
+    state = _read_weights(directory)
+    expected = {k: v for k, v in adapter_state_dict(model).items() if ".lora_A." in k or ".lora_B." in k}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise LorafitError(
+            f"{directory / WEIGHTS_NAME}: has no LoRA weights for {len(missing)} of this model's "
+            f"LoRA layers (e.g. {missing[0]}); was it trained with other target modules?"
+        )
+    for key, tensor in expected.items():
+        if state[key].shape != tensor.shape:
+            raise LorafitError(
+                f"{directory / WEIGHTS_NAME}: '{key}' has shape {tuple(state[key].shape)}, the model expects "
+                f"{tuple(tensor.shape)} (use the adapter's rank)"
+            )
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key in expected:
+            params[key[len(PREFIX):]].copy_(state[key])
+    return model
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    if not directory.is_dir():
+        raise LorafitError(f"{directory}: adapter directory not found")
+    weights = directory / WEIGHTS_NAME
+    if not weights.exists():
+        legacy = directory / "adapter_model.bin"
+        hint = " (a legacy adapter_model.bin is there: re-save it with PEFT as safetensors)" if legacy.exists() else ""
+        raise LorafitError(f"{weights}: adapter weights not found{hint}")
+    try:
+        return load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LorafitError(f"{weights}: not a readable safetensors file ({e})") from None
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Inject LoRA into ``model`` as the adapter in ``directory`` describes, and load its weights.
 
@@ -173,14 +216,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     cfg = read_adapter_config(directory)
     metadata = read_adapter_metadata(directory)
     weights = directory / WEIGHTS_NAME
-    if not weights.exists():
-        legacy = directory / "adapter_model.bin"
-        hint = " (a legacy adapter_model.bin is there: re-save it with PEFT as safetensors)" if legacy.exists() else ""
-        raise LorafitError(f"{weights}: adapter weights not found{hint}")
-    try:
-        state = load_file(weights)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LorafitError(f"{weights}: not a readable safetensors file ({e})") from None
+    state = _read_weights(directory)
     inject_lora(model, cfg)
     _check_base(model, directory, metadata)
     expected = adapter_state_dict(model)

@@ -1,0 +1,254 @@
+"""The ``lorafit`` command line.
+
+``lorafit train`` takes its flags from :class:`lorafit.config.TrainConfig` (a field
+``learning_rate`` is the flag ``--learning-rate``; booleans are ``--flag/--no-flag`` switches),
+so the CLI, the YAML recipes and the Python API share one schema. Bad input ends with one line
+``lorafit: error: ...`` and exit code 2; ``--debug`` (or ``LORAFIT_DEBUG=1``) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from lorafit.errors import LorafitError
+
+# -- flags derived from the config dataclass --------------------------------------------------
+
+
+def _comma_list(item_type: type):
+    def parse(text: str) -> list:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        try:
+            return [item_type(s) for s in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {item_type.__name__} values, got {text!r}")
+
+    parse.__name__ = f"comma-separated {item_type.__name__} list"
+    return parse
+
+
+def _strip_optional(tp: Any) -> Any:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:
+    """One flag per dataclass field; defaults are left to the dataclass (argparse.SUPPRESS)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = _strip_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif get_origin(tp) is Literal:
+            parser.add_argument(flag, choices=get_args(tp), default=argparse.SUPPRESS, help=help_text)
+        elif get_origin(tp) is list:
+            parser.add_argument(flag, type=_comma_list(get_args(tp)[0]), default=argparse.SUPPRESS,
+                                metavar="A,B", help=help_text)
+        else:
+            parser.add_argument(flag, type=tp, default=argparse.SUPPRESS, help=help_text)
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorafit.config import TrainConfig, make_config
+    from lorafit.train import train_seeds
+
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    cfg = make_config(args.recipe, **overrides)
+    summary = train_seeds(cfg)
+    if cfg.seeds:
+        print(f"{summary['metric']}: median {summary['median']:.4f} over seeds {cfg.seeds} "
+              f"(values {', '.join(f'{v:.4f}' for v in summary['values'])})")
+        print(f"runs: {', '.join(summary['runs'])}")
+        return 0
+    run = Path(cfg.output_dir or Path("runs") / cfg.run_name())
+    best = summary["best_metrics"] or {}
+    print(f"dev {summary['metric']}: {summary['best_metric']:.4f} (best epoch {summary['best_epoch']}); "
+          + ", ".join(f"{k} {v:.4f}" for k, v in best.items() if k != summary["metric"]))
+    print(f"{summary['examples_per_second']:.1f} examples/s, {summary['train_seconds']:.0f} s of training, "
+          f"{summary['trainable_parameters']['trainable']:,} trainable parameters")
+    saved = run / ("adapter" if cfg.method == "lora" else "model")
+    print(f"{'adapter' if cfg.method == 'lora' else 'model'} saved to {saved}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lorafit.inference import evaluate_trained
+
+    metrics = evaluate_trained(args.path, task=args.task, data_dir=args.data_dir, merged=not args.unmerged,
+                               batch_size=args.batch_size, max_eval_samples=args.max_eval_samples)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lorafit.inference import load_trained, predict_texts, read_inputs
+
+    if bool(args.text) == bool(args.input):
+        raise LorafitError("predict: give sentences with --text (repeatable) or a file with --input, not both")
+    pairs = [(t, args.text_pair[i] if args.text_pair and i < len(args.text_pair) else None)
+             for i, t in enumerate(args.text)] if args.text else read_inputs(args.input)
+    trained = load_trained(args.path)
+    for record in predict_texts(trained, pairs, batch_size=args.batch_size):
+        print(json.dumps(record))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lorafit.inference import export_merged
+
+    out = export_merged(args.path, args.output, overwrite=args.overwrite)
+    print(f"merged model written to {out} (loads with AutoModelForSequenceClassification.from_pretrained)")
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from lorafit.data import encode_split, format_stats, get_task, load_split, split_stats
+    from lorafit.models import load_tokenizer
+
+    task = get_task(args.task)
+    tokenizer = load_tokenizer(args.model)
+    stats = {}
+    for split in ("train", *task.eval_splits):
+        raw = load_split(task, split, args.data_dir)
+        stats[split] = split_stats(raw, encode_split(raw, tokenizer, args.max_length))
+    print(format_stats(task, stats))
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from lorafit.recipes import list_recipes
+
+    print("\n".join(list_recipes()))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lorafit.sweep import run_sweep_cli
+
+    return run_sweep_cli(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lorafit.report import run_report_cli
+
+    return run_report_cli(args)
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, exit 2, like every other error
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lorafit.config import TrainConfig
+
+    parser = _Parser(prog="lorafit", description="LoRA fine-tuning of encoder models on GLUE.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a model (LoRA or full) on a task")
+    p.add_argument("--recipe", help="YAML recipe (shipped name like paper/roberta-base/mrpc, or a path); flags override it")
+    add_dataclass_arguments(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a run directory or adapter on a task's dev set")
+    p.add_argument("path", help="run directory, adapter directory or merged model directory")
+    p.add_argument("--task", help="task to evaluate on (default: the one it was trained on)")
+    p.add_argument("--data-dir", help="GLUE-layout folder for tasks that are not vendored")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-eval-samples", type=int)
+    p.add_argument("--unmerged", action="store_true", help="evaluate with the LoRA branch unmerged")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="labels and probabilities (or scores) for new sentences")
+    p.add_argument("path", help="run directory, adapter directory or merged model directory")
+    p.add_argument("--text", action="append", help="a sentence (repeatable)")
+    p.add_argument("--text-pair", action="append", help="second sentence for pair tasks (repeatable, in order)")
+    p.add_argument("--input", help="a .txt (one example per line; tab separates a pair), .tsv, .csv or .jsonl file")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("merge", help="export a merged plain Transformers model")
+    p.add_argument("path", help="run directory or adapter directory")
+    p.add_argument("--output", required=True, help="folder for the merged model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("sweep", help="run a grid of experiments (resumable)")
+    _add_sweep_arguments(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="tables and plots from run or sweep directories")
+    _add_report_arguments(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser, metavar="COMMAND")
+    s = data_sub.add_parser("stats", help="sizes, label balance and token lengths of a task")
+    s.add_argument("task")
+    s.add_argument("--model", default="minilm", help="tokenizer to count tokens with (default: minilm)")
+    s.add_argument("--max-length", type=int, default=512)
+    s.add_argument("--data-dir")
+    s.set_defaults(func=cmd_data_stats)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    try:
+        from lorafit.sweep import add_sweep_arguments
+    except ImportError:  # pragma: no cover - sweep module not installed
+        return
+    add_sweep_arguments(p)
+
+
+def _add_report_arguments(p: argparse.ArgumentParser) -> None:
+    try:
+        from lorafit.report import add_report_arguments
+    except ImportError:  # pragma: no cover
+        return
+    add_report_arguments(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("LORAFIT_DEBUG", "") not in ("", "0")
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except LorafitError as e:
+        if debug:
+            raise
+        print(f"lorafit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lorafit: interrupted (the last checkpoint is kept; continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

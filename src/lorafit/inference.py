@@ -1,0 +1,244 @@
+"""Using a trained model: evaluate, predict, and export it merged.
+
+A trained model is given as a run directory (``config.yaml``), an adapter directory
+(``adapter_config.json``, lorafit's or PEFT's) or a merged/full model folder (``config.json``).
+LoRA layers are merged before inference, so it runs at the base model's speed.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from lorafit.config import TrainConfig
+from lorafit.data import TaskSpec, custom_task, encode_split, get_task, load_custom, load_split
+from lorafit.errors import LorafitError
+from lorafit.io import atomic_write_json, read_json
+from lorafit.lora import load_adapter, merge_and_unload, merge_lora, read_adapter_metadata
+from lorafit.models import load_model, load_tokenizer
+
+TASK_FILE = "lorafit_task.json"  # written beside an exported merged model
+
+
+@dataclass
+class Trained:
+    model: nn.Module
+    tokenizer: Any
+    task: TaskSpec | None
+    max_length: int
+    config: TrainConfig | None = None  # when loaded from a run directory
+
+
+def _task_from_metadata(meta: dict[str, Any]) -> TaskSpec | None:
+    spec = meta.get("task_spec")
+    if spec:  # lists in JSON, tuples in TaskSpec
+        return TaskSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
+    return get_task(meta["task"]) if meta.get("task") else None
+
+
+def _load_lora(base: str, adapter: Path, meta: dict[str, Any], trust_remote_code: bool) -> tuple[nn.Module, Any]:
+    labels = meta.get("label_names")
+    num_labels = meta.get("num_labels") or (len(labels) if labels else None)
+    if num_labels is None:
+        raise LorafitError(f"{adapter}: no label count recorded (an adapter PEFT wrote); evaluate it through PEFT")
+    model, _ = load_model(base, num_labels, labels, trust_remote_code)
+    load_adapter(model, adapter)
+    return model, load_tokenizer(base, trust_remote_code)
+
+
+def load_trained(path: str | Path, trust_remote_code: bool = False) -> Trained:
+    """Load whatever ``path`` holds, ready for inference (eval mode, LoRA merged)."""
+    path = Path(path)
+    if not path.exists():
+        raise LorafitError(f"{path}: not found (expected a run, adapter or model directory)")
+    if (path / "config.yaml").exists():  # a run directory
+        cfg = TrainConfig(**yaml.safe_load((path / "config.yaml").read_text()))
+        if cfg.method == "lora":
+            if not (path / "adapter" / "adapter_config.json").exists():
+                raise LorafitError(f"{path}: the run has no adapter yet (adapter/ is missing); has it evaluated once?")
+            meta = read_adapter_metadata(path / "adapter")
+            model, tokenizer = _load_lora(cfg.model, path / "adapter", meta, cfg.trust_remote_code)
+            task = _task_from_metadata(meta)
+        else:
+            if not (path / "model" / "config.json").exists():
+                raise LorafitError(f"{path}: the run has no saved model yet (model/ is missing)")
+            model, tokenizer, task = _load_plain(path / "model", trust_remote_code)
+            task = _run_task(cfg)
+        trained = Trained(model, tokenizer, task, cfg.max_length, cfg)
+    elif (path / "adapter_config.json").exists():
+        meta = read_adapter_metadata(path)
+        base = meta.get("model_arg") or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise LorafitError(f"{path}: adapter names no base model")
+        model, tokenizer = _load_lora(base, path, meta, trust_remote_code)
+        trained = Trained(model, tokenizer, _task_from_metadata(meta), meta.get("max_length", 512))
+    elif (path / "config.json").exists():
+        model, tokenizer, task = _load_plain(path, trust_remote_code)
+        meta = read_json(path / TASK_FILE) if (path / TASK_FILE).exists() else {}
+        trained = Trained(model, tokenizer, task, meta.get("max_length", 512))
+    else:
+        raise LorafitError(f"{path}: not a run directory (config.yaml), adapter (adapter_config.json) or model (config.json)")
+    merge_lora(trained.model)
+    trained.model.eval()
+    return trained
+
+
+def _run_task(cfg: TrainConfig) -> TaskSpec:
+    if cfg.train_file:
+        return custom_task(cfg.train_file, cfg.text_columns or ["text"], cfg.label_column,
+                           name=cfg.task, regression=cfg.task_type == "regression")
+    return get_task(cfg.task)
+
+
+def _load_plain(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any, TaskSpec | None]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    except (OSError, ValueError) as e:
+        raise LorafitError(f"{path}: could not load the model ({e})") from None
+    meta = read_json(path / TASK_FILE) if (path / TASK_FILE).exists() else {}
+    return model, tokenizer, _task_from_metadata(meta)
+
+
+def evaluate_trained(path: str | Path, task: str | None = None, data_dir: str | None = None, merged: bool = True,
+                     batch_size: int = 64, max_eval_samples: int | None = None) -> dict[str, float]:
+    from lorafit.lora import unmerge_lora
+    from lorafit.metrics import compute_metrics
+    from lorafit.train import predict_logits
+
+    trained = load_trained(path)
+    if not merged:
+        unmerge_lora(trained.model)
+    spec = get_task(task) if task else trained.task
+    if spec is None:
+        raise LorafitError(f"{path}: no task recorded; pass --task")
+    if trained.task is not None and spec.num_labels != trained.task.num_labels:
+        raise LorafitError(f"--task {spec.name}: has {spec.num_labels} labels, the model was trained with "
+                           f"{trained.task.num_labels}")
+    cfg = trained.config
+    outputs = {}
+    for split in spec.eval_splits:
+        if cfg is not None and cfg.validation_file and not task:
+            raw = load_custom(cfg.validation_file, cfg.text_columns or ["text"], cfg.label_column, spec, split="validation")
+        else:
+            raw = load_split(spec, split, data_dir or (cfg.data_dir if cfg else None))
+        data = encode_split(raw, trained.tokenizer, trained.max_length)
+        if max_eval_samples:
+            data = data.select(np.arange(min(max_eval_samples, len(data))))
+        pad = trained.tokenizer.pad_token_id or 0
+        outputs[split] = (predict_logits(trained.model, data, batch_size, pad, _no_autocast), data.labels)
+    return compute_metrics(spec, outputs)
+
+
+def _no_autocast():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def read_inputs(path: str | Path) -> list[tuple[str, str | None]]:
+    """Examples to predict on: .txt (a line each; a tab separates a pair), .tsv/.csv with a header
+    (first one or two columns, or columns named sentence1/sentence2), or .jsonl (text/text_pair)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LorafitError(f"--input {path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LorafitError(f"--input {path}: not UTF-8 text ({e})") from None
+    pairs: list[tuple[str, str | None]] = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise LorafitError(f"--input {path} line {n}: not valid JSON") from None
+            if not isinstance(obj, dict) or "text" not in obj:
+                raise LorafitError(f"--input {path} line {n}: expected an object with a 'text' field")
+            pairs.append((str(obj["text"]), obj.get("text_pair")))
+    elif path.suffix in (".csv", ".tsv"):
+        rows = list(csv.reader(text.splitlines(), delimiter="," if path.suffix == ".csv" else "\t"))
+        if not rows:
+            raise LorafitError(f"--input {path}: empty file")
+        header, body = rows[0], rows[1:]
+        cols = [header.index(c) for c in ("sentence1", "sentence2") if c in header] or list(range(min(2, len(header))))
+        for n, row in enumerate(body, 2):
+            if len(row) != len(header):
+                raise LorafitError(f"--input {path} line {n}: expected {len(header)} fields, got {len(row)}")
+            pairs.append((row[cols[0]], row[cols[1]] if len(cols) > 1 else None))
+    else:
+        for line in text.splitlines():
+            if line.strip():
+                a, _, b = line.partition("\t")
+                pairs.append((a, b or None))
+    if not pairs:
+        raise LorafitError(f"--input {path}: no examples in the file")
+    return pairs
+
+
+@torch.inference_mode()
+def predict_texts(trained: Trained, pairs: list[tuple[str, str | None]], batch_size: int = 64) -> list[dict[str, Any]]:
+    """One record per example: label and class probabilities, or a score for regression."""
+    model, tok = trained.model, trained.tokenizer
+    labels = list(trained.task.label_names) if trained.task and trained.task.label_names else None
+    if labels is None and getattr(model.config, "num_labels", 1) > 1:
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    records = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        firsts = [a for a, _ in chunk]
+        seconds = [b for _, b in chunk]
+        has_pair = any(b is not None for b in seconds)
+        if has_pair and not all(b is not None for b in seconds):
+            raise LorafitError("predict: either every example is a sentence pair or none is")
+        enc = tok(firsts, seconds if has_pair else None, truncation=True, max_length=trained.max_length,
+                  padding=True, return_tensors="pt")
+        logits = model(**enc).logits.float()
+        for i, (a, b) in enumerate(chunk):
+            record: dict[str, Any] = {"text": a} if b is None else {"text": a, "text_pair": b}
+            if labels is None:
+                record["score"] = round(float(logits[i, 0]), 6)
+            else:
+                probs = torch.softmax(logits[i], -1).tolist()
+                record["label"] = labels[int(np.argmax(probs))]
+                record["probabilities"] = {name: round(p, 6) for name, p in zip(labels, probs)}
+            records.append(record)
+    return records
+
+
+def export_merged(path: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    """Merge the LoRA layers into the base weights and save a plain Transformers model."""
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise LorafitError(f"--output {output}: exists and is not empty; pass --overwrite to replace it")
+    trained = load_trained(path)
+    model = merge_and_unload(trained.model)
+    tmp = output.with_name(output.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    trained.tokenizer.save_pretrained(tmp)
+    task = trained.task
+    atomic_write_json(tmp / TASK_FILE, {
+        "task": task.name if task else None,
+        "task_spec": dataclasses.asdict(task) if task else None,
+        "max_length": trained.max_length,
+    })
+    if output.exists():
+        shutil.rmtree(output)
+    tmp.rename(output)
+    return output
