@@ -98,7 +98,9 @@ def compute_metrics(task: TaskSpec, outputs: dict[str, tuple[np.ndarray, np.ndar
         (size-weighted). Values are floats in [0, 1] (correlations in [-1, 1]).
     """
     if set(outputs) != set(task.eval_splits):
-        raise ValueError(f"task {task.name}: expected outputs for {list(task.eval_splits)}, got {list(outputs)}")
+        raise ValueError(
+            f"task {task.name}: expected outputs for {list(task.eval_splits)}, got {list(outputs)}"
+        )
     per_split: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in task.eval_splits:
         logits, labels = outputs[split]

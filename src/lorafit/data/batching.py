@@ -6,7 +6,7 @@ resumed mid-epoch can rebuild the same order and skip the batches it already tra
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -122,7 +122,7 @@ def collate(
     input_ids = np.full((len(indices), width), pad_token_id, dtype=np.int64)
     attention_mask = np.zeros((len(indices), width), dtype=np.int64)
     token_type_ids = None if encoded.token_type_ids is None else np.zeros_like(attention_mask)
-    for row, (i, n) in enumerate(zip(indices, lengths)):
+    for row, (i, n) in enumerate(zip(indices, lengths, strict=True)):
         start = encoded.offsets[i]
         input_ids[row, :n] = encoded.input_ids[start : start + n]
         attention_mask[row, :n] = 1
@@ -156,7 +156,13 @@ def iterate_batches(
     ``len(batch_order(...))``.
     """
     order = batch_order(
-        len(encoded), batch_size, seed, epoch, encoded.lengths, group_by_length=group_by_length, drop_last=drop_last
+        len(encoded),
+        batch_size,
+        seed,
+        epoch,
+        encoded.lengths,
+        group_by_length=group_by_length,
+        drop_last=drop_last,
     )
     for indices in order[start_batch:]:
         yield collate(encoded, indices, pad_token_id, pad_to_multiple_of)

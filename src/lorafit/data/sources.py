@@ -22,10 +22,11 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,9 +71,10 @@ class Split:
 
     task: TaskSpec
     split: str
-    text_a: list[str]
-    text_b: list[str] | None
-    labels: np.ndarray
+    # Kept out of repr: a split has up to ~400k examples.
+    text_a: list[str] = field(repr=False)
+    text_b: list[str] | None = field(repr=False)
+    labels: np.ndarray = field(repr=False)
     source: str
     checksum: str
 
@@ -109,9 +111,7 @@ _GLUE_FORMATS: dict[str, _GlueFormat] = {
     "stsb": _GlueFormat(("sentence1", "sentence2"), "score", None),
     "qnli": _GlueFormat(("question", "sentence"), "label", ("entailment", "not_entailment")),
     "qqp": _GlueFormat(("question1", "question2"), "is_duplicate", ("0", "1")),
-    "mnli": _GlueFormat(
-        ("sentence1", "sentence2"), "gold_label", ("entailment", "neutral", "contradiction")
-    ),
+    "mnli": _GlueFormat(("sentence1", "sentence2"), "gold_label", ("entailment", "neutral", "contradiction")),
 }
 
 
@@ -130,7 +130,7 @@ def _decode(data: bytes, display: str) -> str:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise LorafitError(
-            f"{display} line {line}: cannot decode byte {data[exc.start:exc.start + 1]!r} as UTF-8; "
+            f"{display} line {line}: cannot decode byte {data[exc.start : exc.start + 1]!r} as UTF-8; "
             "expected a UTF-8 text file"
         ) from None
     if text.startswith("\ufeff"):
@@ -187,8 +187,7 @@ class _LabelParser:
             score = math.nan
         if not math.isfinite(score):
             raise LorafitError(
-                f"{self.display} line {line}: expected a finite number in column {self.column!r}, "
-                f"got {raw!r}"
+                f"{self.display} line {line}: expected a finite number in column {self.column!r}, got {raw!r}"
             )
         return score
 
@@ -225,7 +224,7 @@ def _parse_rows(
             raise LorafitError(
                 f"{display} line {line}: expected {width} {separator}-separated fields, got {len(fields)}"
             )
-        for column, idx in zip(texts, text_idx):
+        for column, idx in zip(texts, text_idx, strict=True):
             column.append(fields[idx])
         values.append(labels(fields[label_idx], line))
     if not values:
@@ -339,6 +338,12 @@ def _load_from_hub(task: TaskSpec, split: str) -> Split:
         raise _not_available(
             task, split, "the 'datasets' package is not installed; pip install 'lorafit[hub]'"
         ) from None
+    # Without the offline flags, a machine with no network would otherwise sit through the
+    # hub client's retries (about half a minute) before failing.
+    from lorafit.models import hub_reachable
+
+    if not hub_reachable():
+        raise _not_available(task, split, "no connection to the hub")
     try:
         dataset = datasets.load_dataset(_HUB_DATASET, task.name, split=split)
     except Exception as exc:  # offline, DNS, HTTP errors, missing config: all mean "not there"
@@ -353,7 +358,12 @@ def _load_from_hub(task: TaskSpec, split: str) -> Split:
             "(unlabeled test split?)"
         )
     return _make_split(
-        task, split, texts, labels, f"Hugging Face hub {_HUB_DATASET}/{task.name}", _content_checksum(texts, labels)
+        task,
+        split,
+        texts,
+        labels,
+        f"Hugging Face hub {_HUB_DATASET}/{task.name}",
+        _content_checksum(texts, labels),
     )
 
 
@@ -436,7 +446,9 @@ def _jsonl_records(text: str, display: str) -> Iterator[tuple[int, dict[str, Any
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise LorafitError(f"{display} line {line_number}: invalid JSON ({exc.msg}); expected one object per line") from None
+            raise LorafitError(
+                f"{display} line {line_number}: invalid JSON ({exc.msg}); expected one object per line"
+            ) from None
         if not isinstance(record, dict):
             raise LorafitError(
                 f"{display} line {line_number}: expected a JSON object, got {type(record).__name__}"
@@ -463,7 +475,7 @@ def _parse_jsonl(
     texts: list[list[str]] = [[] for _ in text_columns]
     values: list[int | float] = []
     for line, record in _jsonl_records(text, display):
-        for column, name in zip(texts, text_columns):
+        for column, name in zip(texts, text_columns, strict=True):
             value = _jsonl_field(display, line, record, name)
             if not isinstance(value, str):
                 raise LorafitError(
@@ -473,7 +485,8 @@ def _parse_jsonl(
         raw = _jsonl_field(display, line, record, label_column)
         if raw is None or isinstance(raw, (list, dict)) or (labels.ids is None and isinstance(raw, bool)):
             raise LorafitError(
-                f"{display} line {line}: column {label_column!r}: expected a label value, got {json.dumps(raw)}"
+                f"{display} line {line}: column {label_column!r}: expected a label value, "
+                f"got {json.dumps(raw)}"
             )
         values.append(labels(_json_label_text(raw), line))
     if not values:
@@ -507,7 +520,8 @@ def read_label_values(path: str | Path, label_column: str) -> list[str]:
         if len(fields) != len(header):
             separator = "tab" if kind == "tsv" else "comma"
             raise LorafitError(
-                f"{display} line {line}: expected {len(header)} {separator}-separated fields, got {len(fields)}"
+                f"{display} line {line}: expected {len(header)} {separator}-separated fields, "
+                f"got {len(fields)}"
             )
         values.append(fields[label_idx])
     return values

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -50,8 +51,8 @@ def split_stats(split: Split, encoded: Encoded | None = None) -> dict[str, Any]:
         counts = np.bincount(split.labels, minlength=task.num_labels)
         total = max(int(counts.sum()), 1)
         stats["labels"] = {
-            "counts": {name: int(c) for name, c in zip(task.label_names, counts)},
-            "fractions": {name: float(c) / total for name, c in zip(task.label_names, counts)},
+            "counts": {name: int(c) for name, c in zip(task.label_names, counts, strict=True)},
+            "fractions": {name: float(c) / total for name, c in zip(task.label_names, counts, strict=True)},
         }
     if encoded is not None:
         if len(encoded) != len(split):
@@ -71,11 +72,12 @@ def split_stats(split: Split, encoded: Encoded | None = None) -> dict[str, Any]:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
     """Lay out a table; ``align`` has one letter per column, ``l`` (text) or ``r`` (numbers)."""
-    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
     lines = []
     for row in (header, *rows):
         cells = [
-            cell.ljust(width) if a == "l" else cell.rjust(width) for cell, width, a in zip(row, widths, align)
+            cell.ljust(width) if a == "l" else cell.rjust(width)
+            for cell, width, a in zip(row, widths, align, strict=True)
         ]
         lines.append("  ".join(cells).rstrip())
     return lines
@@ -99,10 +101,7 @@ def format_stats(task: TaskSpec, stats_by_split: dict[str, dict[str, Any]]) -> s
     if task.label_names is None:
         lines += _table(
             ["score", "mean", "std", "min", "max"],
-            [
-                [name, *(f"{s['labels'][k]:.3f}" for k in ("mean", "std", "min", "max"))]
-                for name, s in splits
-            ],
+            [[name, *(f"{s['labels'][k]:.3f}" for k in ("mean", "std", "min", "max"))] for name, s in splits],
             "lrrrr",
         )
     else:

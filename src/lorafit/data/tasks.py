@@ -8,9 +8,9 @@ trained here uses the same label ids as one trained on the hub copy.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from lorafit.errors import LorafitError
 

@@ -22,7 +22,14 @@ import numpy as np
 from lorafit.data.sources import Split
 from lorafit.errors import LorafitError
 
-__all__ = ["Encoded", "encode_split", "default_cache_dir", "cache_key", "CACHE_FORMAT_VERSION", "USE_DEFAULT_CACHE"]
+__all__ = [
+    "Encoded",
+    "encode_split",
+    "default_cache_dir",
+    "cache_key",
+    "CACHE_FORMAT_VERSION",
+    "USE_DEFAULT_CACHE",
+]
 
 # Bump when the layout of cached files or the way they are computed changes.
 CACHE_FORMAT_VERSION = 1
@@ -67,16 +74,16 @@ class Encoded:
         from_cache: True when this object was read from the cache rather than tokenized.
     """
 
-    input_ids: np.ndarray
-    offsets: np.ndarray
-    token_type_ids: np.ndarray | None
-    labels: np.ndarray
+    input_ids: np.ndarray = field(repr=False)
+    offsets: np.ndarray = field(repr=False)
+    token_type_ids: np.ndarray | None = field(repr=False)
+    labels: np.ndarray = field(repr=False)
     split: str
     max_length: int
     is_regression: bool
     cache_key: str
     from_cache: bool = False
-    lengths: np.ndarray = field(init=False)
+    lengths: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.lengths = np.diff(self.offsets)
@@ -99,8 +106,11 @@ class Encoded:
         lengths = self.lengths[indices]
         offsets = np.zeros(len(indices) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        gather = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices]) if len(indices) \
+        gather = (
+            np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices])
+            if len(indices)
             else np.zeros(0, dtype=np.int64)
+        )
         return Encoded(
             input_ids=self.input_ids[gather],
             offsets=offsets,
