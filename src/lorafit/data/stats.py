@@ -70,8 +70,13 @@ def split_stats(split: Split, encoded: Encoded | None = None) -> dict[str, Any]:
     return stats
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> list[str]:
-    """Lay out a table; ``align`` has one letter per column, ``l`` (text) or ``r`` (numbers)."""
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> list[str]:
+    """Lay out a table; ``align`` has one letter per column, ``l`` (text) or ``r`` (numbers).
+
+    By default the first column (the split name) is text and the others are numbers.
+    """
+    if align is None:
+        align = "l" + "r" * (len(header) - 1)
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
     lines = []
     for row in (header, *rows):
@@ -102,7 +107,6 @@ def format_stats(task: TaskSpec, stats_by_split: dict[str, dict[str, Any]]) -> s
         lines += _table(
             ["score", "mean", "std", "min", "max"],
             [[name, *(f"{s['labels'][k]:.3f}" for k in ("mean", "std", "min", "max"))] for name, s in splits],
-            "lrrrr",
         )
     else:
         lines += _table(
@@ -117,7 +121,6 @@ def format_stats(task: TaskSpec, stats_by_split: dict[str, dict[str, Any]]) -> s
                 ]
                 for name, s in splits
             ],
-            "l" + "r" * task.num_labels,
         )
 
     with_tokens = [(name, s["token_lengths"]) for name, s in splits if "token_lengths" in s]
@@ -137,6 +140,5 @@ def format_stats(task: TaskSpec, stats_by_split: dict[str, dict[str, Any]]) -> s
                 ]
                 for name, t in with_tokens
             ],
-            "l" + "r" * (5 + len(percentile_keys)),
         )
     return "\n".join(lines) + "\n"
