@@ -195,6 +195,19 @@ def test_cache_format_version_is_recorded(tokenizer, mrpc_dev, tmp_path: Path) -
         assert f.metadata()["format"] == str(CACHE_FORMAT_VERSION)
 
 
+def test_select_subset(tokenizer, mrpc_dev) -> None:
+    encoded = encode_split(mrpc_dev, tokenizer, 48, cache_dir=None)
+    indices = [407, 3, 3, 100]
+    subset = encoded.select(indices)
+    assert len(subset) == 4 and subset.cache_key != encoded.cache_key
+    for j, i in enumerate(indices):
+        for key, value in encoded.example(i).items():
+            assert np.array_equal(subset.example(j)[key], value)
+    assert np.array_equal(subset.lengths, encoded.lengths[indices])
+    assert subset.input_ids.dtype == np.int32 and subset.offsets.dtype == np.int64
+    assert len(encoded.select([])) == 0
+
+
 def test_rejects_bad_arguments(tokenizer, mrpc_dev) -> None:
     with pytest.raises(ValueError, match="max_length"):
         encode_split(mrpc_dev, tokenizer, 0, cache_dir=None)

@@ -91,6 +91,32 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def select(self, indices: np.ndarray | list[int]) -> Encoded:
+        """A new encoding holding examples ``indices``, in that order (e.g. a subsample).
+
+        The result is never written to the cache; its ``cache_key`` is derived from this one's
+        and the indices, so it still identifies the content.
+        """
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        lengths = self.lengths[indices]
+        offsets = np.zeros(len(indices) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # Position of every kept token in the flat arrays: each example's start, repeated per
+        # token, plus the token's index within the example.
+        positions = np.repeat(self.offsets[indices] - offsets[:-1], lengths) + np.arange(offsets[-1])
+        digest = hashlib.sha256(self.cache_key.encode("ascii") + indices.tobytes()).hexdigest()
+        return Encoded(
+            input_ids=self.input_ids[positions],
+            offsets=offsets,
+            token_type_ids=None if self.token_type_ids is None else self.token_type_ids[positions],
+            labels=self.labels[indices],
+            split=self.split,
+            max_length=self.max_length,
+            is_regression=self.is_regression,
+            cache_key=digest,
+            from_cache=self.from_cache,
+        )
+
     def example(self, i: int) -> dict[str, Any]:
         """Example ``i`` as ``{"input_ids", "token_type_ids" (if any), "label"}``."""
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
@@ -99,28 +125,6 @@ class Encoded:
             out["token_type_ids"] = self.token_type_ids[start:end]
         out["label"] = self.labels[i].item()
         return out
-
-    def select(self, indices: np.ndarray | list[int]) -> Encoded:
-        """A new ``Encoded`` holding examples ``indices``, in that order (not cached)."""
-        indices = np.asarray(indices, dtype=np.int64)
-        lengths = self.lengths[indices]
-        offsets = np.zeros(len(indices) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        gather = (
-            np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices])
-            if len(indices)
-            else np.zeros(0, dtype=np.int64)
-        )
-        return Encoded(
-            input_ids=self.input_ids[gather],
-            offsets=offsets,
-            token_type_ids=None if self.token_type_ids is None else self.token_type_ids[gather],
-            labels=self.labels[indices],
-            split=self.split,
-            max_length=self.max_length,
-            is_regression=self.is_regression,
-            cache_key=f"{self.cache_key}[subset]",
-        )
 
 
 def _tokenizer_identity(tokenizer: Any) -> str:
