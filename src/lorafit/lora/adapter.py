@@ -210,14 +210,46 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Inject LoRA into ``model`` as the adapter in ``directory`` describes, and load its weights.
 
     Keys are checked strictly: a missing or unexpected key, a shape mismatch or a different base
-    model is an error; nothing is loaded in that case.
+    model is an error; nothing is loaded in that case, and the LoRA layers are taken out again.
     """
     directory = Path(directory)
     cfg = read_adapter_config(directory)
     metadata = read_adapter_metadata(directory)
     weights = directory / WEIGHTS_NAME
     state = _read_weights(directory)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     inject_lora(model, cfg)
+    try:
+        _check_state(model, directory, metadata, state, weights)
+    except LorafitError:
+        _remove_lora(model, requires_grad)  # a refused adapter leaves the model as it was
+        raise
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for key, value in state.items():
+            name = key[len(PREFIX):]
+            target = params[name] if name in params else buffers[name]
+            target.copy_(value.to(target.dtype))
+    return model
+
+
+def _remove_lora(model: nn.Module, requires_grad: dict[str, bool]) -> None:
+    """Undo :func:`inject_lora`: put the base linears back and restore the trainable flags."""
+    for name, layer in list(lora_layers(model)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+    for name, param in model.named_parameters():
+        param.requires_grad_(requires_grad[name])
+    if hasattr(model, "lorafit_lora_config"):
+        del model.lorafit_lora_config
+
+
+def _check_state(
+    model: nn.Module, directory: Path, metadata: dict[str, Any], state: dict[str, torch.Tensor], weights: Path
+) -> None:
+    """Refuse ``state`` unless it was saved from this base model and fits the adapted model exactly."""
     _check_base(model, directory, metadata)
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(state))
@@ -236,11 +268,3 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             raise LorafitError(
                 f"{weights}: '{key}' has shape {tuple(state[key].shape)}, the model expects {tuple(tensor.shape)}"
             )
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-    with torch.no_grad():
-        for key, value in state.items():
-            name = key[len(PREFIX):]
-            target = params[name] if name in params else buffers[name]
-            target.copy_(value.to(target.dtype))
-    return model

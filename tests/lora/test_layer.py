@@ -1,0 +1,199 @@
+"""LoRALinear on its own: initialisation, scaling, dropout, and merge arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lorafit.lora import LoRALinear
+
+
+def _layer(in_features=16, out_features=12, r=4, alpha=8.0, seed=0, **kwargs) -> LoRALinear:
+    torch.manual_seed(seed)
+    return LoRALinear(nn.Linear(in_features, out_features), r=r, alpha=alpha, **kwargs)
+
+
+def _nonzero_b(layer: LoRALinear, seed=1) -> LoRALinear:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g))
+    return layer
+
+
+def test_shapes_and_frozen_base():
+    layer = _layer(in_features=16, out_features=12, r=4)
+    assert layer.lora_A.weight.shape == (4, 16)
+    assert layer.lora_B.weight.shape == (12, 4)
+    assert (layer.in_features, layer.out_features) == (16, 12)
+    assert layer.weight is layer.base_layer.weight
+    assert not layer.base_layer.weight.requires_grad and not layer.base_layer.bias.requires_grad
+    assert layer.lora_A.weight.requires_grad and layer.lora_B.weight.requires_grad
+    assert layer.lora_A.bias is None and layer.lora_B.bias is None
+    assert layer.adapter_params() == ["lora_A.weight", "lora_B.weight"]
+    assert layer(torch.randn(5, 3, 16)).shape == (5, 3, 12)
+
+
+def test_wraps_only_linear():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        LoRALinear(nn.Conv1d(4, 4, 1), r=2, alpha=2)
+
+
+def test_init_a_kaiming_uniform_b_zero():
+    in_features = 64
+    layer = _layer(in_features=in_features, out_features=48, r=8)
+    a = layer.lora_A.weight
+    # kaiming_uniform_(a=sqrt(5)): bound = gain * sqrt(3 / fan_in) with gain = sqrt(2 / (1 + 5)),
+    # i.e. 1 / sqrt(fan_in).
+    bound = 1 / math.sqrt(in_features)
+    assert a.abs().max() <= bound
+    assert a.abs().max() > 0.9 * bound  # spread over the whole range, not a tiny init
+    assert a.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.15)
+    assert torch.equal(layer.lora_B.weight, torch.zeros(48, 8))
+    assert torch.equal(layer.delta_weight(), torch.zeros(48, 64))
+
+
+def test_zero_b_output_equals_base():
+    layer = _layer()
+    x = torch.randn(7, 16)
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
+@pytest.mark.parametrize(
+    ("r", "alpha", "use_rslora", "expected"),
+    [
+        (4, 8.0, False, 2.0),  # alpha / r
+        (16, 8.0, False, 0.5),
+        (1, 3, False, 3.0),
+        (16, 8.0, True, 2.0),  # rsLoRA: alpha / sqrt(r)
+        (4, 8.0, True, 4.0),
+    ],
+)
+def test_scaling(r, alpha, use_rslora, expected):
+    layer = _layer(r=r, alpha=alpha, use_rslora=use_rslora)
+    assert layer.scaling == expected
+
+
+def test_forward_adds_scaled_low_rank_update():
+    layer = _nonzero_b(_layer(r=4, alpha=8.0))
+    x = torch.randn(5, 16)
+    w, b = layer.base_layer.weight, layer.base_layer.bias
+    a, bb = layer.lora_A.weight, layer.lora_B.weight
+    expected = x @ w.T + b + 2.0 * (x @ a.T @ bb.T)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+
+
+def test_dropout_module():
+    assert isinstance(_layer(dropout=0.0).lora_dropout, nn.Identity)
+    layer = _layer(dropout=0.25)
+    assert isinstance(layer.lora_dropout, nn.Dropout)
+    assert layer.lora_dropout.p == 0.25
+
+
+def test_dropout_acts_on_lora_branch_only_in_training():
+    layer = _nonzero_b(_layer(dropout=0.5))
+    x = torch.randn(64, 16)
+    layer.eval()
+    ref = layer(x)
+    assert torch.equal(layer(x), ref)  # eval: deterministic
+    layer.train()
+    torch.manual_seed(3)
+    out = layer(x)
+    assert not torch.allclose(out, ref)
+    # the base path never sees dropout: with B = 0 training output is the base output exactly
+    with torch.no_grad():
+        layer.lora_B.weight.zero_()
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_train_and_eval_never_merge():
+    layer = _nonzero_b(_layer())
+    w0 = layer.base_layer.weight.clone()
+    layer.train()
+    layer.eval()
+    layer.train()
+    assert layer.merged is False
+    assert torch.equal(layer.base_layer.weight, w0)
+    layer.merge()
+    merged = layer.base_layer.weight.clone()
+    layer.eval()
+    layer.train()
+    assert layer.merged is True
+    assert torch.equal(layer.base_layer.weight, merged)
+
+
+def test_hand_computed_merge_is_exact():
+    base = nn.Linear(2, 3, bias=False)
+    layer = LoRALinear(base, r=1, alpha=2.0)  # scaling = alpha / r = 2
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+        layer.lora_A.weight.copy_(torch.tensor([[1.0, -1.0]]))
+        layer.lora_B.weight.copy_(torch.tensor([[1.0], [2.0], [-0.5]]))
+    # B @ A = [[1, -1], [2, -2], [-0.5, 0.5]]; times 2 = [[2, -2], [4, -4], [-1, 1]]
+    expected_delta = torch.tensor([[2.0, -2.0], [4.0, -4.0], [-1.0, 1.0]])
+    expected_merged = torch.tensor([[3.0, 0.0], [7.0, 0.0], [4.0, 7.0]])
+    assert torch.equal(layer.delta_weight(), expected_delta)
+    x = torch.tensor([[1.0, 1.0], [2.0, -1.0]])
+    unmerged_out = layer(x)
+    layer.merge()
+    assert layer.merged is True
+    assert torch.equal(layer.base_layer.weight, expected_merged)
+    assert torch.equal(layer(x), x @ expected_merged.T)
+    assert torch.equal(unmerged_out, x @ expected_merged.T)
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
+
+
+def test_merge_is_idempotent_and_unmerge_inverts_it():
+    layer = _nonzero_b(_layer(in_features=32, out_features=24, r=4))
+    w0 = layer.base_layer.weight.clone()
+    x = torch.randn(6, 32)
+    ref = layer(x)
+    layer.merge()
+    once = layer.base_layer.weight.clone()
+    assert not torch.equal(once, w0)
+    layer.merge()
+    assert torch.equal(layer.base_layer.weight, once)
+    torch.testing.assert_close(layer(x), ref, rtol=0, atol=1e-5)
+    layer.unmerge()
+    assert layer.merged is False
+    assert (layer.base_layer.weight - w0).abs().max() <= 1e-6
+    layer.unmerge()  # unmerging an unmerged layer does nothing
+    assert (layer.base_layer.weight - w0).abs().max() <= 1e-6
+    torch.testing.assert_close(layer(x), ref, rtol=0, atol=1e-5)
+
+
+def test_merge_into_bf16_base_is_rounded_once_from_fp32():
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48).to(torch.bfloat16)
+    layer = LoRALinear(base, r=8, alpha=16.0)
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(torch.randn(48, 8) * 0.01)  # small updates: rounding matters
+    w = base.weight.detach().clone()
+    delta = layer.delta_weight()
+    assert delta.dtype == torch.float32
+    exact = w.float() + delta
+    layer.merge()
+    merged = base.weight.detach()
+    assert merged.dtype == torch.bfloat16
+    assert torch.equal(merged, exact.to(torch.bfloat16))
+    # Adding in bf16 rounds twice (delta, then the sum) and is never closer to the exact sum.
+    naive = w + delta.to(torch.bfloat16)
+    err_merged = (merged.float() - exact).abs()
+    err_naive = (naive.float() - exact).abs()
+    assert torch.all(err_merged <= err_naive)
+    assert err_merged.sum() < err_naive.sum()
+
+
+def test_bf16_base_forward_keeps_dtype():
+    torch.manual_seed(0)
+    layer = _nonzero_b(LoRALinear(nn.Linear(16, 8).to(torch.bfloat16), r=2, alpha=4.0))
+    out = layer(torch.randn(3, 16, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+
+
+def test_extra_repr_mentions_rank_and_merge_state():
+    layer = _layer(r=4, alpha=8.0)
+    assert "r=4" in repr(layer) and "scaling=2" in repr(layer) and "merged=False" in repr(layer)
