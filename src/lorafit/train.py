@@ -162,6 +162,15 @@ class Progress:
     best_step: int | None = None
     best_metrics: dict[str, float] | None = None
 
+    def advance(self, group: list[np.ndarray], lengths: np.ndarray, epoch_done: bool) -> None:
+        """Count one optimizer step over ``group`` (its micro-batches of example indices)."""
+        self.step += 1
+        self.examples += sum(len(g) for g in group)
+        self.tokens += int(sum(lengths[g].sum() for g in group))
+        self.batch_in_epoch += len(group)
+        if epoch_done:  # before any checkpoint of this step, which must point at the next epoch
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
 
 def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[str, Any]:
     """Train one run and return its summary. ``cfg.seeds`` runs are handled by :func:`train_seeds`."""
@@ -191,48 +200,35 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     scheduler = linear_schedule(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
     eval_every = cfg.eval_steps or steps_per_epoch
 
-    progress = Progress()
+    progress, rng = Progress(), None
     if cfg.resume:
-        progress = _restore(run, model, optimizer, scheduler)
+        progress, rng = _restore(run, model, optimizer, scheduler)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if rng is not None:  # last, so that nothing in between draws from the restored streams
+        torch.set_rng_state(rng["torch_rng"])
+        if rng["cuda_rng"]:
+            torch.cuda.set_rng_state_all(rng["cuda_rng"])
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     bar = _progress_bar(cfg, total_steps, progress.step, accelerator)
     model.train()
-    running_loss, running_count = torch.zeros((), device=accelerator.device), 0
+    running_loss = torch.zeros((), device=accelerator.device)  # summed on device: no per-step host sync
     started = time.perf_counter() - progress.train_seconds
     while progress.step < total_steps:
         order = batch_order(len(train_data), cfg.batch_size, cfg.seed, progress.epoch,
                             train_data.lengths, cfg.group_by_length)
-        # Each process takes every n-th batch: the global batch is batch_size x processes.
-        order = order[accelerator.process_index :: accelerator.num_processes]
-        while progress.batch_in_epoch < len(order) and progress.step < total_steps:
-            group = order[progress.batch_in_epoch : progress.batch_in_epoch + cfg.grad_accum]
-            for i, indices in enumerate(group):
-                batch = {k: v.to(accelerator.device) for k, v in collate(train_data, indices, pad_id).items()}
-                sync = i == len(group) - 1  # DDP all-reduces gradients on the last micro-batch only
-                with accelerator.no_sync(model) if not sync else contextlib.nullcontext(), accelerator.autocast():
-                    loss = model(**batch).loss / len(group)
-                accelerator.backward(loss)
-                running_loss += loss.detach()  # stays on device: no host sync per step
-                progress.examples += len(indices)
-                progress.tokens += int(train_data.lengths[indices].sum())
+        order = order[accelerator.process_index :: accelerator.num_processes]  # global batch = bs x processes
+        for start in range(progress.batch_in_epoch, len(order), cfg.grad_accum):
+            group = order[start : start + cfg.grad_accum]
+            running_loss += _accumulate(model, accelerator, train_data, group, pad_id)
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.batch_in_epoch += len(group)
-            running_count += 1
-            if progress.batch_in_epoch >= len(order):
-                progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+            progress.advance(group, train_data.lengths, epoch_done=start + len(group) >= len(order))
             if progress.step % cfg.log_steps == 0 or progress.step == total_steps:
-                elapsed = time.perf_counter() - started
-                bar.set_postfix(loss=f"{running_loss.item() / running_count:.4f}",
-                                lr=f"{scheduler.get_last_lr()[0]:.2e}", ex_s=f"{progress.examples / elapsed:.0f}")
-                running_loss.zero_()
-                running_count = 0
+                _log(bar, running_loss, progress, scheduler, started, cfg.log_steps)
             bar.update(1)
             at_eval = progress.step % eval_every == 0 or progress.step == total_steps
             if at_eval:
@@ -245,12 +241,35 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
                 _save_checkpoint(run, accelerator, model, optimizer, scheduler, progress)
             if _interrupt_after_step is not None and progress.step >= _interrupt_after_step:
                 raise KeyboardInterrupt  # tests: an interruption between checkpoints
+            if progress.step >= total_steps:
+                break
     bar.close()
     progress.train_seconds = time.perf_counter() - started
     summary = _summary(cfg, task, counts, progress, accelerator)
     if accelerator.is_main_process:
         run.write_summary(summary)
     return summary
+
+
+def _accumulate(model: nn.Module, accelerator: Any, data: Encoded, group: list[np.ndarray], pad_id: int) -> torch.Tensor:
+    """Forward and backward over the micro-batches of one optimizer step; returns the loss (on device)."""
+    total = torch.zeros((), device=accelerator.device)
+    for i, indices in enumerate(group):
+        batch = {k: v.to(accelerator.device) for k, v in collate(data, indices, pad_id).items()}
+        last = i == len(group) - 1  # DDP all-reduces gradients on the last micro-batch only
+        with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+            loss = model(**batch).loss / len(group)
+        accelerator.backward(loss)
+        total += loss.detach()
+    return total
+
+
+def _log(bar: Any, running_loss: torch.Tensor, progress: Progress, scheduler: Any, started: float, every: int) -> None:
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    count = progress.step % every or every
+    bar.set_postfix(loss=f"{running_loss.item() / count:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                    ex_s=f"{progress.examples / elapsed:.0f}")
+    running_loss.zero_()
 
 
 def _progress_bar(cfg: TrainConfig, total: int, initial: int, accelerator: Any):
@@ -310,7 +329,7 @@ def _save_checkpoint(run, accelerator, model, optimizer, scheduler, progress: Pr
     run.save_checkpoint(trainable, training_state, vars(progress).copy())
 
 
-def _restore(run: RunDir, model: nn.Module, optimizer, scheduler) -> Progress:
+def _restore(run: RunDir, model: nn.Module, optimizer, scheduler) -> tuple[Progress, dict[str, Any]]:
     trainable, training_state, state = run.load_checkpoint()
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
@@ -321,10 +340,7 @@ def _restore(run: RunDir, model: nn.Module, optimizer, scheduler) -> Progress:
             params[name].copy_(value)
     optimizer.load_state_dict(training_state["optimizer"])
     scheduler.load_state_dict(training_state["scheduler"])
-    torch.set_rng_state(training_state["torch_rng"])
-    if training_state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(training_state["cuda_rng"])
-    return Progress(**state)
+    return Progress(**state), training_state
 
 
 def peak_memory_gib(device: torch.device) -> float:

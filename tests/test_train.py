@@ -1,0 +1,172 @@
+"""The training loop on the real embedded model (MiniLM), a few steps at a time on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorafit.config import make_config
+from lorafit.errors import LorafitError
+from lorafit.train import linear_schedule, make_optimizer, train, train_seeds
+
+TINY = dict(task="rte", max_train_samples=48, max_eval_samples=24, batch_size=8, eval_batch_size=32,
+            max_length=64, progress=False, num_threads=2)
+
+
+def tiny(tmp_path, name="run", **changes):
+    return make_config(**{**TINY, "output_dir": str(tmp_path / name), **changes})
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = linear_schedule(opt, warmup=4, total=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lrs[5:] == pytest.approx([5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    assert opt.param_groups[0]["lr"] == 0.0  # the seed project's LinearLR never decayed
+
+
+def test_optimizer_decays_weights_but_not_biases_or_layernorm(tmp_path):
+    from lorafit.data import get_task
+    from lorafit.train import build_model
+
+    cfg = tiny(tmp_path, method="full", weight_decay=0.1)
+    model = build_model(cfg, get_task("rte"))
+    opt = make_optimizer(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    plain = {names[id(p)] for p in opt.param_groups[1]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert "classifier.weight" in decayed and "bert.encoder.layer.0.attention.self.query.weight" in decayed
+    assert "classifier.bias" in plain and "bert.embeddings.LayerNorm.weight" in plain
+    assert not any(n.endswith("bias") for n in decayed)
+
+
+def test_lora_run_writes_run_directory_and_trains_only_adapter_and_head(tmp_path):
+    summary = train(tiny(tmp_path, max_steps=6, eval_steps=3))
+    run = tmp_path / "run"
+    assert summary["status"] == "finished" and summary["steps"] == 6
+    counts = summary["trainable_parameters"]
+    # MiniLM, r=8 on query and value: 6 layers x 2 x 8 x (384 + 384) = 73,728; head 384 x 2 + 2.
+    assert counts["adapter"] == 73_728 and counts["head"] == 770
+    assert counts["trainable"] == counts["adapter"] + counts["head"]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [3, 6]
+    assert all(0.0 <= line["accuracy"] <= 1.0 for line in lines)
+    assert summary["best_metric"] == max(line["accuracy"] for line in lines)
+    assert summary["examples_per_second"] > 0 and summary["peak_memory_gib"] > 0
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert any(k.endswith("query.lora_A.weight") for k in saved)
+    assert "base_model.model.classifier.weight" in saved
+    assert (run / "checkpoint" / "state.json").exists()
+    assert json.loads((run / "summary.json").read_text())["best_metric"] == summary["best_metric"]
+
+
+def test_lora_b_and_head_move_while_base_stays(tmp_path):
+    from lorafit.data import get_task
+    from lorafit.lora import load_adapter
+    from lorafit.models import load_model
+
+    train(tiny(tmp_path, max_steps=4, eval_steps=4, learning_rate=1e-3))
+    base, _ = load_model("minilm", 2)
+    reference = {k: v.clone() for k, v in base.state_dict().items()}
+    load_adapter(base, tmp_path / "run" / "adapter")
+    for name, layer in [(n, m) for n, m in base.named_modules() if hasattr(m, "lora_B")]:
+        assert layer.lora_B.weight.abs().sum() > 0, name
+        assert torch.equal(layer.base_layer.weight, reference[f"{name}.weight"]), name
+    assert not torch.equal(base.classifier.weight, reference["classifier.weight"])
+    assert get_task("rte").num_labels == base.config.num_labels
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path):
+    common = dict(max_steps=12, eval_steps=6, save_steps=4, lora_dropout=0.1)
+    train(tiny(tmp_path, "straight", **common))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path, "resumed", **common), _interrupt_after_step=10)  # last checkpoint: step 8
+    state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 8
+    train(tiny(tmp_path, "resumed", resume=True, **common))
+    a = load_file(tmp_path / "straight" / "checkpoint" / "trainable.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoint" / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    lines_a = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    lines_b = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "train_seconds"}  # noqa: E731
+    assert [strip(x) for x in lines_a] == [strip(x) for x in lines_b]
+
+
+def test_gradient_accumulation_matches_the_bigger_batch(tmp_path, monkeypatch):
+    import lorafit.train as train_module
+
+    build = train_module.build_model
+
+    def without_dropout(cfg, task):  # dropout would make the two runs differ by chance alone
+        model = build(cfg, task)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", without_dropout)
+    # Batches of 4 and of 8 are cut from the same shuffled order, so one step of 2 x 4
+    # accumulated examples sees exactly the 8 examples of one big-batch step.
+    common = dict(max_steps=2, eval_steps=2, group_by_length=False, learning_rate=1e-3)
+    train(tiny(tmp_path, "big", batch_size=8, **common))
+    train(tiny(tmp_path, "accum", batch_size=4, grad_accum=2, **common))
+    a = load_file(tmp_path / "big" / "checkpoint" / "trainable.safetensors")
+    b = load_file(tmp_path / "accum" / "checkpoint" / "trainable.safetensors")
+    moved = 0.0
+    for key in a:
+        # Adam divides by sqrt(v): float noise in tiny gradients shows up at ~1e-6; lr is 1e-3.
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+        if key.endswith("lora_B.weight"):
+            moved += a[key].abs().sum().item()
+    assert moved > 0
+
+
+def test_full_finetuning_saves_a_plain_model(tmp_path):
+    summary = train(tiny(tmp_path, method="full", max_steps=2, eval_steps=2, learning_rate=5e-5))
+    assert summary["trainable_parameters"]["trainable"] == summary["trainable_parameters"]["total"]
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_seeds_give_one_run_each_and_the_median(tmp_path):
+    cfg = tiny(tmp_path, "multi", max_steps=2, eval_steps=2, seeds=[1, 2, 3])
+    result = train_seeds(cfg)
+    assert result["seeds"] == [1, 2, 3] and len(result["values"]) == 3
+    assert result["median"] == sorted(result["values"])[1]
+    for seed in (1, 2, 3):
+        assert json.loads((tmp_path / "multi" / f"seed-{seed}" / "summary.json").read_text())["seed"] == seed
+
+
+def test_finished_run_is_not_overwritten_without_flag(tmp_path):
+    train(tiny(tmp_path, max_steps=1, eval_steps=1))
+    before = (tmp_path / "run" / "summary.json").read_text()
+    with pytest.raises(LorafitError, match="finished run.*--overwrite"):
+        train(tiny(tmp_path, max_steps=1, eval_steps=1))
+    assert (tmp_path / "run" / "summary.json").read_text() == before
+    train(tiny(tmp_path, max_steps=1, eval_steps=1, overwrite=True))
+
+
+def test_init_adapter_copies_lora_factors_but_not_the_head(tmp_path):
+    from lorafit.data import get_task
+    from lorafit.lora import lora_layers
+    from lorafit.train import build_model
+
+    train(tiny(tmp_path, "first", max_steps=3, eval_steps=3, learning_rate=1e-3))
+    first = load_file(tmp_path / "first" / "adapter" / "adapter_model.safetensors")
+    cfg = tiny(tmp_path, "second", task="mrpc", init_adapter=str(tmp_path / "first" / "adapter"))
+    model = build_model(cfg, get_task("mrpc"))
+    for name, layer in lora_layers(model):
+        assert torch.equal(layer.lora_B.weight, first[f"base_model.model.{name}.lora_B.weight"])
+    assert not torch.equal(model.classifier.weight, first["base_model.model.classifier.weight"])
