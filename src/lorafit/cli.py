@@ -157,12 +157,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No prefix matching: "--lora" must not silently mean "--lora-dropout".
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
     def error(self, message: str) -> typing.NoReturn:  # one line, exit 2, like every other error
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from lorafit.config import TrainConfig
+    from lorafit.report import add_report_arguments
+    from lorafit.sweep import add_sweep_arguments
 
     parser = _Parser(prog="lorafit", description="LoRA fine-tuning of encoder models on GLUE.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -197,11 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("sweep", help="run a grid of experiments (resumable)")
-    _add_sweep_arguments(p)
+    add_sweep_arguments(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="tables and plots from run or sweep directories")
-    _add_report_arguments(p)
+    add_report_arguments(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("data", help="dataset tools")
@@ -216,22 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="list the shipped recipes")
     p.set_defaults(func=cmd_recipes)
     return parser
-
-
-def _add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    try:
-        from lorafit.sweep import add_sweep_arguments
-    except ImportError:  # pragma: no cover - sweep module not installed
-        return
-    add_sweep_arguments(p)
-
-
-def _add_report_arguments(p: argparse.ArgumentParser) -> None:
-    try:
-        from lorafit.report import add_report_arguments
-    except ImportError:  # pragma: no cover
-        return
-    add_report_arguments(p)
 
 
 def main(argv: list[str] | None = None) -> int:

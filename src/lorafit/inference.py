@@ -8,8 +8,8 @@ LoRA layers are merged before inference, so it runs at the base model's speed.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
+import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from lorafit.config import TrainConfig
 from lorafit.data import TaskSpec, custom_task, encode_split, get_task, load_custom, load_split
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_write_json, read_json
-from lorafit.lora import load_adapter, merge_and_unload, merge_lora, read_adapter_metadata
+from lorafit.lora import load_adapter, merge_and_unload, merge_lora, read_adapter_config, read_adapter_metadata
 from lorafit.models import load_model, load_tokenizer
 
 TASK_FILE = "lorafit_task.json"  # written beside an exported merged model
@@ -76,8 +76,9 @@ def load_trained(path: str | Path, trust_remote_code: bool = False) -> Trained:
             task = _run_task(cfg)
         trained = Trained(model, tokenizer, task, cfg.max_length, cfg)
     elif (path / "adapter_config.json").exists():
+        read_adapter_config(path)  # validates the file before any model is loaded
         meta = read_adapter_metadata(path)
-        base = meta.get("model_arg") or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = meta.get("model_arg") or read_json(path / "adapter_config.json").get("base_model_name_or_path")
         if not base:
             raise LorafitError(f"{path}: adapter names no base model")
         model, tokenizer = _load_lora(base, path, meta, trust_remote_code)

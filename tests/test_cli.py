@@ -1,0 +1,174 @@
+"""The command line end to end on the real embedded model, and its error handling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from lorafit.cli import main
+
+SMALL = ["--task", "mrpc", "--max-train-samples", "64", "--max-eval-samples", "40", "--batch-size", "8",
+         "--max-length", "64", "--no-progress", "--num-threads", "2", "--learning-rate", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *SMALL, "--max-steps", "24", "--eval-steps", "12", "--output-dir", str(run)]) == 0
+    return run
+
+
+def test_train_prints_metric_and_adapter_location(trained_run, capsys):
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["task"] == "mrpc"
+    assert set(summary["best_metrics"]) == {"accuracy", "f1"}
+
+
+def test_eval_reproduces_the_best_dev_metric(trained_run, capsys):
+    assert main(["eval", str(trained_run), "--max-eval-samples", "40"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    best = json.loads((trained_run / "summary.json").read_text())["best_metrics"]
+    assert metrics["accuracy"] == pytest.approx(best["accuracy"], abs=1e-9)
+    assert metrics["f1"] == pytest.approx(best["f1"], abs=1e-9)
+
+
+def test_eval_merged_equals_unmerged(trained_run, capsys):
+    main(["eval", str(trained_run), "--max-eval-samples", "40"])
+    merged = json.loads(capsys.readouterr().out)
+    main(["eval", str(trained_run), "--max-eval-samples", "40", "--unmerged"])
+    assert json.loads(capsys.readouterr().out) == merged
+
+
+def test_predict_then_merge_gives_the_same_predictions(trained_run, tmp_path, capsys):
+    pair = ["--text", "The cat sat on the mat .", "--text-pair", "A cat was sitting on the mat ."]
+    other = ["--text", "Stocks fell sharply on Monday .", "--text-pair", "He likes green apples ."]
+    assert main(["predict", str(trained_run), *pair, *other]) == 0
+    from_adapter = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [set(r["probabilities"]) for r in from_adapter] == [{"not_equivalent", "equivalent"}] * 2
+    for record in from_adapter:
+        assert sum(record["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+    merged = tmp_path / "merged"
+    assert main(["merge", str(trained_run), "--output", str(merged)]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(merged), *pair, *other]) == 0
+    from_merged = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in from_merged] == [r["label"] for r in from_adapter]
+    for a, b in zip(from_adapter, from_merged):
+        for label in a["probabilities"]:
+            assert a["probabilities"][label] == pytest.approx(b["probabilities"][label], abs=1e-5)
+
+
+def test_merged_model_loads_in_vanilla_transformers(trained_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from lorafit.inference import load_trained
+
+    out = tmp_path / "plain"
+    main(["merge", str(trained_run), "--output", str(out)])
+    plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert not any("lora" in name for name, _ in plain.named_parameters())
+    trained = load_trained(trained_run)
+    batch = trained.tokenizer(["a b c", "longer sentence here ."], ["x", "y z"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, trained.model(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_peft_loads_the_adapter_and_gives_the_same_dev_metric(trained_run, capsys):
+    from peft import PeftModel
+
+    from lorafit.data import encode_split, get_task, load_split
+    from lorafit.metrics import compute_metrics
+    from lorafit.models import load_model, load_tokenizer
+    from lorafit.train import predict_logits
+
+    main(["eval", str(trained_run), "--max-eval-samples", "40"])
+    ours = json.loads(capsys.readouterr().out)
+    base, _ = load_model("minilm", 2)
+    peft_model = PeftModel.from_pretrained(base, trained_run / "adapter").eval()
+    task = get_task("mrpc")
+    dev = encode_split(load_split(task, "validation"), load_tokenizer("minilm"), 64).select(np.arange(40))
+    import contextlib
+
+    logits = predict_logits(peft_model, dev, 64, 0, contextlib.nullcontext)
+    theirs = compute_metrics(task, {"validation": (logits, dev.labels)})
+    assert theirs == pytest.approx(ours, abs=1e-9)
+
+
+def test_predict_reads_a_file(trained_run, tmp_path, capsys):
+    inputs = tmp_path / "in.txt"
+    inputs.write_text("first sentence .\tsecond sentence .\nanother one .\tand its pair .\n")
+    assert main(["predict", str(trained_run), "--input", str(inputs)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorafit.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["train", "--lora", "False"], "unrecognized arguments: --lora False"),
+        (["train", "--group-by-length", "False"], "unrecognized arguments: False"),
+        (["train", "--learning-rate", "fast"], "--learning-rate: invalid float value"),
+        (["train", "--method", "adapter"], "--method: invalid choice"),
+        (["train", "--rank", "0"], "--rank must be > 0"),
+        (["train", "--warmup-ratio", "1.5"], "--warmup-ratio must be in [0, 1)"),
+        (["train", "--resume", "--overwrite"], "give one"),
+        (["train", "--task", "mnli2"], "unknown task 'mnli2'"),
+        (["train", "--model", "./no/such/model"], "--model ./no/such/model: no such folder"),
+        (["train", "--recipe", "paper/roberta-base/nope"], "no such recipe"),
+        (["eval", "no-such-run"], "no-such-run: not found"),
+        (["merge", "no-such-run", "--output", "x"], "no-such-run: not found"),
+        (["predict", "no-such-run"], "give sentences with --text"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, expected, tmp_path):
+    result = run_cli(*args, "--output-dir", str(tmp_path / "o")) if args[0] == "train" else run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3  # argparse adds its usage line
+
+
+def test_hub_model_offline_names_the_embedded_model(tmp_path):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "lorafit.cli", "train", "--model", "FacebookAI/roberta-base",
+                             "--output-dir", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert "--model minilm" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_finished_run_is_refused_without_overwrite(trained_run):
+    result = run_cli("train", *SMALL, "--max-steps", "24", "--eval-steps", "12", "--output-dir", str(trained_run))
+    assert result.returncode == 2
+    assert "holds a finished run; pass --overwrite" in result.stderr
+
+
+def test_missing_adapter_is_a_clear_error(tmp_path):
+    run = tmp_path / "broken"
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{not json")
+    result = run_cli("eval", str(run))
+    assert result.returncode == 2 and "adapter_config.json: not valid JSON" in result.stderr
+
+
+def test_help_lists_every_command():
+    result = run_cli("--help")
+    for command in ("train", "eval", "predict", "merge", "sweep", "report", "data"):
+        assert command in result.stdout
+
+
+def test_data_stats_prints_sizes_and_lengths(capsys):
+    assert main(["data", "stats", "rte"]) == 0
+    out = capsys.readouterr().out
+    assert "2,490" in out or "2490" in out
+    assert "277" in out
