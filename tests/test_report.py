@@ -196,7 +196,7 @@ def test_table_columns_in_paper_order_with_the_average_over_present_tasks(tmp_pa
     assert "Cells without (n=…) are the median of 1 seed." in md
     # A row with fewer tasks averages the ones it has, and says how many.
     r4 = table_line(md, "all-MiniLM-L6-v2 LoRA r=4 (query, value)")
-    assert r4.endswith("| 81.0 | – | – | – | 81.0 (1 tasks) |")
+    assert r4.endswith("| 81.0 | – | – | – | 81.0 (1 task) |")
     # The paper's rows beside ours, over the same columns (their Avg averages the shown tasks).
     paper = table_line(md, "*RoB-base LoRA (paper: Hu et al. 2022, Table 2)*")
     assert paper.endswith(f"| 89.7±.7 | 63.4±1.2 | 86.6±.7 | 91.5±.2 | {statistics.fmean([89.7, 63.4, 86.6, 91.5]):.1f} |")

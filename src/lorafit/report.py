@@ -458,7 +458,7 @@ def markdown_table(rows: list[Row], with_paper: bool = False) -> str:
             medians.append(g.median)
         avg = _pct(statistics.fmean(medians))
         if len(medians) < len(tasks):
-            avg += f" ({len(medians)} tasks)"
+            avg += f" ({len(medians)} task{'s' if len(medians) > 1 else ''})"
         lines.append("| " + " | ".join([_md(row.label), row.trainable(), *cells, avg]) + " |")
     if with_paper and any(t in PAPER_TASKS for t in tasks):
         for p in PAPER_ROWS:
@@ -509,7 +509,8 @@ def hardware_text(hw: Any) -> str:
     if not isinstance(hw, dict):
         return str(hw or "?")
     chip = hw.get("gpu") or hw.get("cpu") or "?"
-    threads = f", {hw['threads']} threads" if hw.get("device") == "cpu" and hw.get("threads") else ""
+    n = hw.get("threads") if hw.get("device") == "cpu" else None
+    threads = f", {n} thread{'s' if n != 1 else ''}" if n else ""
     return f"{hw.get('device', '?')}: {chip}{threads}"
 
 
@@ -546,7 +547,7 @@ def write_markdown(rows: list[Row], groups: list[Group], command: str, plots: li
     ]
     if plots:
         parts += ["", "## Plots", ""]
-        parts += [f"![{Path(p).stem}]({p})" for p in plots]
+        parts.append("\n\n".join(f"![{Path(p).stem}]({p})" for p in plots))
     return "\n".join(parts) + "\n"
 
 
