@@ -550,11 +550,48 @@ def check_sweep_dir(grid: Grid, cells: list[Cell], overwrite: bool) -> list[Path
     return doomed
 
 
-def run_sweep(grid: Grid, overwrite: bool = False, echo: Callable[[str], None] | None = None) -> list[Cell]:
-    """Expand, check and run the grid, cell by cell, in this process; returns the cells."""
+def _train_cell(name: str, cfg: TrainConfig) -> None:
+    from lorafit.train import train
+
+    try:
+        train(cfg)
+    except LorafitError as e:
+        raise LorafitError(f"sweep cell {name}: {e}") from None
+
+
+def _run_parallel(todo: list[tuple[str, Cell, TrainConfig]], cells: list[Cell], jobs: int,
+                  say: Callable[[str], None]) -> None:
+    """Run cells in ``jobs`` worker processes, each with its share of the CPU threads.
+
+    Small models on a CPU use cores better as separate single-threaded runs than as one run on
+    all cores (per-op threading overhead dominates short sequences). Each worker is a fresh
+    process (spawn), so a crash or a memory spike stays in its cell.
+    """
+    import multiprocessing
+    import os
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = {}
+        for head, cell, cfg in todo:
+            cfg = cfg.replace(progress=False, num_threads=cfg.num_threads or threads)
+            running[pool.submit(_train_cell, cell.name, cfg)] = head
+            say(f"{head}: queued")
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                head = running.pop(future)
+                future.result()  # a failed cell stops the sweep with its error
+                say(f"{head}: finished")
+                say(format_progress(cells))
+
+
+def run_sweep(grid: Grid, overwrite: bool = False, echo: Callable[[str], None] | None = None,
+              jobs: int = 1) -> list[Cell]:
+    """Expand, check and run the grid (``jobs`` cells at a time); returns the cells."""
     from lorafit.io import atomic_write_bytes, read_json
     from lorafit.run import RunDir
-    from lorafit.train import train
 
     def say(text: str) -> None:
         if echo is not None:
@@ -575,7 +612,7 @@ def run_sweep(grid: Grid, overwrite: bool = False, echo: Callable[[str], None] |
     if finished:
         say(format_progress(cells))
     started = time.perf_counter()
-    trained = 0
+    todo: list[tuple[str, Cell, TrainConfig]] = []
     for i, cell in enumerate(cells, 1):
         run = RunDir(cell.path)
         head = f"[{i}/{len(cells)}] {cell.name}"
@@ -593,14 +630,15 @@ def run_sweep(grid: Grid, overwrite: bool = False, echo: Callable[[str], None] |
         elif cell.path.is_dir() and _is_run_dir(cell.path):
             cfg = cfg.replace(overwrite=True)  # killed before its first checkpoint: start clean
             say(f"{head}: starting again (stopped before its first checkpoint)")
-        else:
+        todo.append((head, cell, cfg))
+    if jobs <= 1:
+        for head, cell, cfg in todo:
             say(f"{head}: training")
-        try:
-            train(cfg)
-        except LorafitError as e:
-            raise LorafitError(f"sweep cell {cell.name}: {e}") from None
-        trained += 1
-        say(format_progress(cells))
+            _train_cell(cell.name, cfg)
+            say(format_progress(cells))
+    else:
+        _run_parallel(todo, cells, jobs, say)
+    trained = len(todo)
     done = sum(RunDir(c.path).is_finished() for c in cells)
     say(f"sweep {root}: {done}/{len(cells)} cells finished ({trained} trained now, "
         f"{time.perf_counter() - started:.0f} s); tables and plots: lorafit report {root}")
@@ -669,6 +707,16 @@ def _comma(kind: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
     return parse
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     from lorafit.cli import add_dataclass_arguments
 
@@ -684,6 +732,8 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output-dir", metavar="DIR",
                    help="the sweep directory (default: the grid file's output_dir); given alone, continues "
                         "the sweep in DIR")
+    g.add_argument("--jobs", type=_positive_int, default=1,
+                   help="cells to train at once, each in its own process with cores/jobs threads (default: 1)")
     g.add_argument("--overwrite", action="store_true",
                    help="make DIR match this grid: delete runs with other settings and cells of an earlier "
                         "grid that this one lacks (identical finished cells are kept)")
@@ -754,7 +804,7 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
 def run_sweep_cli(args: argparse.Namespace) -> int:
     grid = grid_from_args(args)
     try:
-        run_sweep(grid, overwrite=args.overwrite)
+        run_sweep(grid, overwrite=args.overwrite, jobs=args.jobs)
     except KeyboardInterrupt:
         print("lorafit: sweep interrupted; run the same command again to continue it "
               "(finished cells are kept, the current one resumes from its last checkpoint)", file=sys.stderr)
