@@ -73,7 +73,7 @@ def test_merged_model_loads_in_vanilla_transformers(trained_run, tmp_path):
     main(["merge", str(trained_run), "--output", str(out)])
     plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert not any("lora" in name for name, _ in plain.named_parameters())
-    trained = load_trained(trained_run)
+    trained = load_trained(trained_run, merge=False)  # the LoRA branch computed separately
     batch = trained.tokenizer(["a b c", "longer sentence here ."], ["x", "y z"], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).logits, trained.model(**batch).logits, atol=1e-5, rtol=0)
@@ -172,3 +172,23 @@ def test_data_stats_prints_sizes_and_lengths(capsys):
     out = capsys.readouterr().out
     assert "2,490" in out or "2490" in out
     assert "277" in out
+
+
+def test_custom_csv_task_trains_and_predicts_its_own_labels(tmp_path, capsys):
+    words = {"pos": ["great", "lovely", "superb", "fine"], "neg": ["awful", "bad", "dreadful", "poor"]}
+    rows = [(f"a {w} film , really {w} .", label) for label, ws in words.items() for w in ws] * 5
+    for name, part in (("train.csv", rows), ("dev.csv", rows[::5])):
+        lines = ["review,sentiment"] + [f'"{text}",{label}' for text, label in part]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    assert main(["train", "--train-file", str(tmp_path / "train.csv"), "--validation-file", str(tmp_path / "dev.csv"),
+                 "--text-columns", "review", "--label-column", "sentiment", "--max-steps", "4", "--batch-size", "8",
+                 "--no-progress", "--num-threads", "2", "--output-dir", str(run)]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["task"] == "custom" and set(summary["best_metrics"]) == {"accuracy", "f1"}
+    capsys.readouterr()
+    assert main(["predict", str(run), "--text", "a superb film ."]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert set(record["probabilities"]) == {"neg", "pos"}
+    assert main(["eval", str(run)]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(summary["best_metrics"]["accuracy"])

@@ -165,10 +165,12 @@ def test_resolved_grid_file_reloads_to_the_same_cells(tmp_path: Path) -> None:
 
 
 def test_shipped_grids_name_themselves_and_expand() -> None:
-    assert list_grids() == ["minilm-ablation", "minilm-main", "smoke"]
+    assert list_grids() == ["minilm-ablation", "minilm-cpu-main", "minilm-cpu-rank", "minilm-cpu-targets",
+                            "minilm-main", "smoke"]
     for name in list_grids():
         path = grid_root() / f"{name}.yaml"
-        assert path.read_text(encoding="utf-8").splitlines()[0] == f"# lorafit sweep --grid {name}"
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+        assert first in (f"# lorafit sweep --grid {name}", f"# lorafit sweep --grid {name} --jobs 2")
         grid = load_grid(name)
         assert grid.source == str(path) and not Path(grid.output_dir).is_absolute()
         assert expand(grid)
@@ -179,6 +181,11 @@ def test_shipped_grids_name_themselves_and_expand() -> None:
     ablation = expand(load_grid("minilm-ablation"))
     assert len(ablation) == 2 * (6 * 4 * 3 + 3)
     assert {c.config.learning_rate for c in ablation if c.config.method == "full"} == {5e-5}
+    # The grids of docs/reproduction.md: 5 tasks x 2 methods x 3 seeds; 2 tasks x 5 ranks; 2 target sets.
+    cpu = {c.name: c.config for c in expand(load_grid("minilm-cpu-main"))}
+    assert len(cpu) == 30 and cpu["sst2/full/seed2"].max_train_samples == 16000
+    assert cpu["cola/full/seed1"].learning_rate == 5e-5 and cpu["cola/lora-r8/seed1"].learning_rate == 5e-4
+    assert len(expand(load_grid("minilm-cpu-rank"))) == 10 and len(expand(load_grid("minilm-cpu-targets"))) == 2
 
 
 def test_a_recipe_axis_and_a_recipe_flag(tmp_path: Path) -> None:
@@ -220,7 +227,7 @@ BAD_GRIDS = [
     ({"grid": {"rank": [1]}}, "no sweep directory"),
     ({"output_dir": "o", "base": {"recipe": "minilm/nope"}}, "--recipe minilm/nope: no such recipe"),
     ({"output_dir": "o", "grid": {"recipe": "minilm/mrpc"}}, "grid.recipe: expected a non-empty list of recipe names"),
-    (["rank", 1], "a grid file is a mapping"),
+    (["rank", 1], "a grid file (keys output_dir, base, grid, overrides, cells) must be a mapping"),
 ]
 
 
@@ -397,3 +404,16 @@ def test_killed_sweep_resumes_without_retraining_and_reports(tmp_path: Path) -> 
     for name in pngs:
         data = (folder / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_parallel_jobs_finish_every_cell(tmp_path):
+    from lorafit.run import RunDir
+    from lorafit.sweep import expand, find_grid, load_grid, run_sweep
+
+    grid = load_grid(find_grid("smoke"))
+    grid.output_dir = str(tmp_path / "sweep")
+    lines: list[str] = []
+    cells = run_sweep(grid, jobs=2, echo=lines.append)
+    assert len(cells) == 4 and all(RunDir(c.path).is_finished() for c in cells)
+    assert sum(line.endswith(": finished") for line in lines) == 4
+    assert [c.name for c in cells] == [c.name for c in expand(grid)]

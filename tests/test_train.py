@@ -170,3 +170,14 @@ def test_init_adapter_copies_lora_factors_but_not_the_head(tmp_path):
     for name, layer in lora_layers(model):
         assert torch.equal(layer.lora_B.weight, first[f"base_model.model.{name}.lora_B.weight"])
     assert not torch.equal(model.classifier.weight, first["base_model.model.classifier.weight"])
+
+
+@pytest.mark.slow
+def test_lora_learns_mrpc_beyond_the_majority_class(tmp_path):
+    # The seed project's LoRA runs sat at the majority class (68.4% on MRPC dev) because its
+    # head was frozen. Two real epochs on the full training set must do clearly better.
+    cfg = make_config(task="mrpc", epochs=2, precision="bf16", lora_dropout=0.1, progress=False,
+                      output_dir=str(tmp_path / "mrpc"))
+    summary = train(cfg)
+    assert summary["best_metrics"]["accuracy"] > 0.70
+    assert summary["best_metrics"]["f1"] > 0.81

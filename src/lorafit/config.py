@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
 from lorafit.errors import LorafitError
+from lorafit.io import read_yaml_mapping
 
 Method = Literal["lora", "full"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -148,12 +148,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     from lorafit.recipes import find_recipe
 
     path = find_recipe(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise LorafitError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise LorafitError(f"{path}: a recipe must be a mapping of settings, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "a recipe")
     unknown = sorted(set(data) - FIELD_NAMES)
     if unknown:
         raise LorafitError(f"{path}: unknown key(s) {', '.join(unknown)} (known: see `lorafit train --help`)")

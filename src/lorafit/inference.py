@@ -7,6 +7,7 @@ LoRA layers are merged before inference, so it runs at the base model's speed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import dataclasses
@@ -21,11 +22,12 @@ import yaml
 from torch import nn
 
 from lorafit.config import TrainConfig
-from lorafit.data import TaskSpec, custom_task, encode_split, get_task, load_custom, load_split
+from lorafit.data import TaskSpec, encode_split, get_task, load_custom, load_split
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_write_json, read_json
-from lorafit.lora import load_adapter, merge_and_unload, merge_lora, read_adapter_config, read_adapter_metadata
+from lorafit.lora import load_adapter, merge_and_unload, read_adapter_config, read_adapter_metadata
 from lorafit.models import load_model, load_tokenizer
+from lorafit.train import predict_logits, resolve_task
 
 TASK_FILE = "lorafit_task.json"  # written beside an exported merged model
 
@@ -56,8 +58,12 @@ def _load_lora(base: str, adapter: Path, meta: dict[str, Any], trust_remote_code
     return model, load_tokenizer(base, trust_remote_code)
 
 
-def load_trained(path: str | Path, trust_remote_code: bool = False) -> Trained:
-    """Load whatever ``path`` holds, ready for inference (eval mode, LoRA merged)."""
+def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool = True) -> Trained:
+    """Load whatever ``path`` holds, ready for inference (eval mode).
+
+    With ``merge`` the LoRA layers are merged and unloaded: the model is a plain Transformers
+    model again and runs at the base model's speed. Without it the LoRA branch stays separate.
+    """
     path = Path(path)
     if not path.exists():
         raise LorafitError(f"{path}: not found (expected a run, adapter or model directory)")
@@ -73,7 +79,7 @@ def load_trained(path: str | Path, trust_remote_code: bool = False) -> Trained:
             if not (path / "model" / "config.json").exists():
                 raise LorafitError(f"{path}: the run has no saved model yet (model/ is missing)")
             model, tokenizer, task = _load_plain(path / "model", trust_remote_code)
-            task = _run_task(cfg)
+            task = resolve_task(cfg)
         trained = Trained(model, tokenizer, task, cfg.max_length, cfg)
     elif (path / "adapter_config.json").exists():
         read_adapter_config(path)  # validates the file before any model is loaded
@@ -89,16 +95,10 @@ def load_trained(path: str | Path, trust_remote_code: bool = False) -> Trained:
         trained = Trained(model, tokenizer, task, meta.get("max_length", 512))
     else:
         raise LorafitError(f"{path}: not a run directory (config.yaml), adapter (adapter_config.json) or model (config.json)")
-    merge_lora(trained.model)
+    if merge:
+        trained.model = merge_and_unload(trained.model)
     trained.model.eval()
     return trained
-
-
-def _run_task(cfg: TrainConfig) -> TaskSpec:
-    if cfg.train_file:
-        return custom_task(cfg.train_file, cfg.text_columns or ["text"], cfg.label_column,
-                           name=cfg.task, regression=cfg.task_type == "regression")
-    return get_task(cfg.task)
 
 
 def _load_plain(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any, TaskSpec | None]:
@@ -115,13 +115,9 @@ def _load_plain(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any, Ta
 
 def evaluate_trained(path: str | Path, task: str | None = None, data_dir: str | None = None, merged: bool = True,
                      batch_size: int = 64, max_eval_samples: int | None = None) -> dict[str, float]:
-    from lorafit.lora import unmerge_lora
     from lorafit.metrics import compute_metrics
-    from lorafit.train import predict_logits
 
-    trained = load_trained(path)
-    if not merged:
-        unmerge_lora(trained.model)
+    trained = load_trained(path, merge=merged)
     spec = get_task(task) if task else trained.task
     if spec is None:
         raise LorafitError(f"{path}: no task recorded; pass --task")
@@ -139,14 +135,8 @@ def evaluate_trained(path: str | Path, task: str | None = None, data_dir: str | 
         if max_eval_samples:
             data = data.select(np.arange(min(max_eval_samples, len(data))))
         pad = trained.tokenizer.pad_token_id or 0
-        outputs[split] = (predict_logits(trained.model, data, batch_size, pad, _no_autocast), data.labels)
+        outputs[split] = (predict_logits(trained.model, data, batch_size, pad, contextlib.nullcontext), data.labels)
     return compute_metrics(spec, outputs)
-
-
-def _no_autocast():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def read_inputs(path: str | Path) -> list[tuple[str, str | None]]:
@@ -227,7 +217,7 @@ def export_merged(path: str | Path, output: str | Path, overwrite: bool = False)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise LorafitError(f"--output {output}: exists and is not empty; pass --overwrite to replace it")
     trained = load_trained(path)
-    model = merge_and_unload(trained.model)
+    model = trained.model
     tmp = output.with_name(output.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

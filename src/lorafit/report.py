@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from lorafit.errors import LorafitError
-from lorafit.sweep import LORA_ONLY, distinguishing_fields
+from lorafit.sweep import LORA_ONLY, distinguishing_fields, format_value
 
 # -- the paper's numbers (data, not code) -----------------------------------------------------
 
@@ -254,7 +254,7 @@ class Row:
         if self.method == "lora":
             text += f" r={self.rank} ({', '.join(self.target_order or self.targets or ['default'])})"
         for name, value in self.variant:
-            text += f", {name}={_fmt_setting(value)}"
+            text += f", {name}={format_value(value)}"
         return text
 
     @property
@@ -274,14 +274,6 @@ class Row:
             if n is not None and format_count(n) not in counts:
                 counts.append(format_count(n))
         return "/".join(counts) or "?"
-
-
-def _fmt_setting(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return "+".join(map(str, value))
-    return str(value)
 
 
 def format_count(n: int | float) -> str:
@@ -675,7 +667,7 @@ def plot_rank(task: str, rows: list[Row]) -> bytes | None:
         label = "+".join(members[0].target_order or members[0].targets or ["default"])
         if len(models) > 1:
             label = f"{key[0].rsplit('/', 1)[-1]} {label}"
-        label += "".join(f", {n}={_fmt_setting(v)}" for n, v in key[2])
+        label += "".join(f", {n}={format_value(v)}" for n, v in key[2])
         ax.errorbar(xs, [g.median for g in groups], yerr=_errors(groups), marker="o", capsize=3, color=color,
                     label=label)
     for color, r in zip(colors[len(series):], fulls):

@@ -57,6 +57,7 @@ from typing import Any
 
 import yaml
 
+from lorafit.io import read_yaml_mapping
 from lorafit.config import FIELD_NAMES, RUNTIME_KEYS, TrainConfig, load_recipe, make_config
 from lorafit.errors import LorafitError
 
@@ -239,12 +240,7 @@ def find_grid(name: str | Path) -> Path:
 def load_grid(path: str | Path) -> Grid:
     """Read and check a grid file (the cells are checked by :func:`expand`)."""
     path = find_grid(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise LorafitError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise LorafitError(f"{path}: a grid file is a mapping with keys {', '.join(GRID_KEYS)}")
+    data = read_yaml_mapping(path, f"a grid file (keys {', '.join(GRID_KEYS)})")
     unknown = [k for k in data if k not in GRID_KEYS]
     if unknown:
         raise LorafitError(
@@ -310,10 +306,11 @@ def _typed(values: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _describe(point: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={_fmt(v)}" for k, v in point.items()) or "(no axes)"
+    return ", ".join(f"{k}={format_value(v)}" for k, v in point.items()) or "(no axes)"
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A setting as it appears in names and tables: floats in %g form, lists joined by "+"."""
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (list, tuple)):
@@ -352,7 +349,7 @@ def _name_part(fieldname: str, value: Any) -> str:
     if isinstance(value, bool):
         text = fieldname if value else f"no-{fieldname}"
     else:
-        text = f"{ABBREVIATIONS.get(fieldname, fieldname)}{_fmt(value) if value is not None else 'none'}"
+        text = f"{ABBREVIATIONS.get(fieldname, fieldname)}{format_value(value) if value is not None else 'none'}"
     return _safe(text)
 
 
@@ -368,7 +365,7 @@ def _base_name(cfg: TrainConfig) -> tuple[str, str, str]:
     if cfg.method == "lora":
         method += f"-r{cfg.rank}"
         if cfg.target_modules is not None:
-            method += f"-{_fmt(cfg.target_modules)}"
+            method += f"-{format_value(cfg.target_modules)}"
     return _safe(task), _safe(method), f"seed{cfg.seed}"
 
 
@@ -784,7 +781,7 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
             values = [_targets(v, flag) for v in values]
         dup = [v for i, v in enumerate(values) if v in values[:i]]
         if dup:
-            shown = _fmt(dup[0]) if dup[0] is not None else "default"
+            shown = format_value(dup[0]) if dup[0] is not None else "default"
             raise LorafitError(f"{flag}: value {shown} is given twice")
         grid.axes[name] = values
         grid.base.pop(name, None)

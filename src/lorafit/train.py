@@ -26,7 +26,7 @@ from torch import nn
 from lorafit import __version__
 from lorafit.config import TrainConfig
 from lorafit.data import Encoded, TaskSpec, batch_order, collate, custom_task, encode_split, eval_batches
-from lorafit.data import get_task, load_custom, load_split
+from lorafit.data import TASKS, get_task, load_custom, load_split
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_write_json, read_json
 from lorafit.lora import LoRAConfig, count_parameters, inject_lora, save_adapter
@@ -43,10 +43,13 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight")
 
 
 def resolve_task(cfg: TrainConfig) -> TaskSpec:
+    """The GLUE task named by ``cfg.task``, or the user's task when custom files are given."""
     if cfg.train_file:
+        # A GLUE name (the default "mrpc" included) would mislabel the user's data.
+        name = "custom" if cfg.task.lower().replace("-", "") in TASKS else cfg.task
         return custom_task(
             cfg.train_file, cfg.text_columns or ["text"], cfg.label_column,
-            name=cfg.task, regression=cfg.task_type == "regression",
+            name=name, regression=cfg.task_type == "regression",
         )
     return get_task(cfg.task)
 
