@@ -279,3 +279,25 @@ def test_paper_rows_are_the_papers_numbers() -> None:
 def test_parameter_counts_read_like_the_paper() -> None:
     assert [format_count(n) for n in (124_647_170, 294_912, 73_728, 9_216, 770)] == [
         "124.6M", "0.3M", "73.7K", "9.2K", "770"]
+
+
+def test_splice_into_keeps_the_prose_and_replaces_only_the_generated_part(tmp_path: Path) -> None:
+    from lorafit.report import BEGIN_MARK, END_MARK, splice_into
+
+    out = tmp_path / "docs" / "report"
+    out.mkdir(parents=True)
+    (out / "results.md").write_text("# lorafit report\n\n## Main\n\n| a |\n|---|\n| 1 |\n\n![rank_mrpc](rank_mrpc.png)\n"
+                                    "Details in `results.csv`.\n")
+    doc = tmp_path / "docs" / "reproduction.md"
+    doc.write_text(f"# Title\n\nProse before.\n\n{BEGIN_MARK}\nold table\n{END_MARK}\n\nProse after.\n")
+    splice_into(doc, out / "results.md")
+    text = doc.read_text()
+    assert text.startswith("# Title\n\nProse before.") and text.endswith("Prose after.\n")
+    assert "old table" not in text and "### Main" in text and "| 1 |" in text
+    assert "![rank_mrpc](report/rank_mrpc.png)" in text and "[`results.csv`](report/results.csv)" in text
+    splice_into(doc, out / "results.md")  # idempotent
+    assert doc.read_text() == text
+
+    doc.write_text("no marks here\n")
+    with pytest.raises(LorafitError, match="--into .*reproduction.md: expected one line"):
+        splice_into(doc, out / "results.md")

@@ -24,6 +24,8 @@ import csv
 import dataclasses
 import io
 import json
+import os
+import re
 import shlex
 import statistics
 import sys
@@ -807,6 +809,37 @@ def make_report(paths: list[str | Path], output: str | Path | None = None,
     return Report(written, len(runs), len(groups))
 
 
+BEGIN_MARK = "<!-- lorafit report: begin (generated; edits between these marks are overwritten) -->"
+END_MARK = "<!-- lorafit report: end -->"
+
+
+def splice_into(document: str | Path, results_md: Path) -> None:
+    """Put the generated tables and figures into a hand-written document, between its marks.
+
+    The prose around the marks stays as written; everything between them is regenerated, so a
+    published report never holds a hand-typed number. Image links are made relative to the
+    document.
+    """
+    from lorafit.io import atomic_write_bytes
+
+    document = Path(document)
+    try:
+        text = document.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LorafitError(f"--into {document}: file not found") from None
+    if text.count(BEGIN_MARK) != 1 or text.count(END_MARK) != 1 or text.index(BEGIN_MARK) > text.index(END_MARK):
+        raise LorafitError(f"--into {document}: expected one line {BEGIN_MARK!r} followed by one line {END_MARK!r}")
+    body = results_md.read_text(encoding="utf-8").split("\n", 1)[1].strip()  # without its "# lorafit report" title
+    prefix = Path(os.path.relpath(results_md.parent, document.parent)).as_posix()
+    body = re.sub(r"\]\(([^)/]+\.(?:png|csv))\)", lambda m: f"]({prefix}/{m.group(1)})", body)
+    body = body.replace("`results.csv`", f"[`results.csv`]({prefix}/results.csv)")
+    # Generated sections become subsections of the document's own.
+    body = re.sub(r"^## ", "### ", body, flags=re.MULTILINE)
+    head, rest = text.split(BEGIN_MARK, 1)
+    tail = rest.split(END_MARK, 1)[1]
+    atomic_write_bytes(document, f"{head}{BEGIN_MARK}\n\n{body}\n\n{END_MARK}{tail}".encode())
+
+
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Tables (results.csv, results.md) and plots (PNG) from finished runs found under the given run or "
@@ -816,11 +849,16 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run or sweep directories (searched recursively for finished runs)")
     parser.add_argument("--output", metavar="DIR",
                         help="where to write the report (default: <first DIR>/report)")
+    parser.add_argument("--into", metavar="FILE",
+                        help="also put the tables and figures into this markdown file, between its "
+                             "'lorafit report: begin/end' marks")
 
 
 def run_report_cli(args: argparse.Namespace) -> int:
     report = make_report(args.paths, args.output)
     folder = next(iter(report.files.values())).parent
+    if args.into:
+        splice_into(args.into, report.files["results.md"])
     print(f"report of {report.runs} runs ({report.groups} configuration x task groups) written to {folder}: "
           f"{', '.join(report.files)}")
     return 0
