@@ -181,3 +181,19 @@ def test_lora_learns_mrpc_beyond_the_majority_class(tmp_path):
     summary = train(cfg)
     assert summary["best_metrics"]["accuracy"] > 0.70
     assert summary["best_metrics"]["f1"] > 0.81
+
+
+def test_modules_to_save_adds_the_pooler_to_the_trained_head(tmp_path):
+    from lorafit.data import get_task
+    from lorafit.lora import count_parameters
+    from lorafit.train import build_model
+
+    default = build_model(tiny(tmp_path), get_task("rte"))
+    assert not default.bert.pooler.dense.weight.requires_grad  # pretrained, frozen (PEFT's default too)
+    with_pooler = build_model(tiny(tmp_path, modules_to_save=["classifier", "pooler"]), get_task("rte"))
+    assert with_pooler.bert.pooler.dense.weight.requires_grad
+    # The pooler adds 384 x 384 + 384 weights to the 770 of the classifier; the adapter is unchanged.
+    assert count_parameters(with_pooler).head == 770 + 384 * 384 + 384
+    assert count_parameters(with_pooler).adapter == count_parameters(default).adapter == 73_728
+    with pytest.raises(LorafitError, match="--modules-to-save must be a non-empty list"):
+        tiny(tmp_path, modules_to_save=[])

@@ -38,6 +38,7 @@ class TrainConfig:
     lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA branch input"))
     target_modules: list[str] | None = field(default=None, metadata=_help("comma-separated module names to adapt (default: the architecture's query,value)"))
     use_rslora: bool = field(default=False, metadata=_help("scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r"))
+    modules_to_save: list[str] | None = field(default=None, metadata=_help("comma-separated modules trained in full and saved with the adapter (default: the architecture's head: classifier; DeBERTa also pooler)"))
     init_adapter: str | None = field(default=None, metadata=_help("start from this adapter (the paper starts MRPC, RTE and STS-B from the MNLI adapter)"))
     # Optimisation.
     learning_rate: float = field(default=5e-4, metadata=_help("peak learning rate of AdamW"))
@@ -116,6 +117,10 @@ class TrainConfig:
                 raise LorafitError(f"{flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.method == "full" and self.init_adapter:
             raise LorafitError("--init-adapter applies to --method lora, not full fine-tuning")
+        for name in ("target_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None and (not value or not all(isinstance(v, str) and v for v in value)):
+                raise LorafitError(f"{flag(name)} must be a non-empty list of module names, got {value!r}")
         if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
             raise LorafitError(f"--text-columns takes one or two column names, got {self.text_columns!r}")
         if (self.train_file is None) != (self.validation_file is None):
@@ -152,7 +157,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(data) - FIELD_NAMES)
     if unknown:
         raise LorafitError(f"{path}: unknown key(s) {', '.join(unknown)} (known: see `lorafit train --help`)")
-    for key in ("target_modules", "text_columns"):
+    for key in ("target_modules", "modules_to_save", "text_columns"):
         if isinstance(data.get(key), str):
             data[key] = [s.strip() for s in data[key].split(",") if s.strip()]
     return data

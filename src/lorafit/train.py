@@ -81,7 +81,7 @@ def build_model(cfg: TrainConfig, task: TaskSpec) -> nn.Module:
         _set_classifier_dropout(model, cfg.classifier_dropout)
     if cfg.method == "full":
         return model
-    lora = LoRAConfig(cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.target_modules, None, cfg.use_rslora)
+    lora = LoRAConfig(cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.target_modules, cfg.modules_to_save, cfg.use_rslora)
     lora = lora.resolved(model.config.model_type)
     # Modules missing from the checkpoint are freshly initialised: they must be trained too.
     lora.modules_to_save = sorted(set(lora.modules_to_save or []) | {m for m in new_modules if "." not in m})
