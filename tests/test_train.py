@@ -197,3 +197,11 @@ def test_modules_to_save_adds_the_pooler_to_the_trained_head(tmp_path):
     assert count_parameters(with_pooler).adapter == count_parameters(default).adapter == 73_728
     with pytest.raises(LorafitError, match="--modules-to-save must be a non-empty list"):
         tiny(tmp_path, modules_to_save=[])
+
+
+def test_bad_input_leaves_no_run_directory(tmp_path):
+    with pytest.raises(LorafitError, match="no such folder"):
+        train(tiny(tmp_path, model=str(tmp_path / "no-model")))
+    with pytest.raises(LorafitError, match="unknown task"):
+        train(tiny(tmp_path, task="nope"))
+    assert not (tmp_path / "run").exists()

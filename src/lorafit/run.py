@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from lorafit.config import TrainConfig
+from lorafit.config import RUNTIME_KEYS, TrainConfig
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_write_bytes, atomic_write_json, read_json
 
@@ -56,18 +56,15 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return (self.checkpoint / "state.json").exists() or (self.path / f"{CHECKPOINT}.old" / "state.json").exists()
 
-    def prepare(self, cfg: TrainConfig) -> None:
-        """Check the directory against --overwrite/--resume and write the resolved config."""
+    def check(self, cfg: TrainConfig) -> None:
+        """Refuse a directory that --overwrite/--resume do not allow; writes nothing."""
         if self.path.exists() and not self.path.is_dir():
             raise LorafitError(f"--output-dir {self.path}: exists and is not a directory")
         if cfg.resume:
             if not self.has_checkpoint():
                 raise LorafitError(f"--resume: {self.path} has no checkpoint to resume from")
             saved = yaml.safe_load((self.path / CONFIG).read_text())
-            changed = {
-                k for k, v in cfg.to_dict().items()
-                if k not in ("resume", "overwrite", "progress", "num_threads", "output_dir") and saved.get(k) != v
-            }
+            changed = {k for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS and saved.get(k) != v}
             if changed:
                 raise LorafitError(
                     f"--resume: settings differ from the run in {self.path}: {', '.join(sorted(changed))} "
@@ -83,6 +80,12 @@ class RunDir:
                 f"--output-dir {self.path}: holds an unfinished run; pass --resume to continue it "
                 "or --overwrite to start again"
             )
+
+    def start(self, cfg: TrainConfig) -> None:
+        """Clear what --overwrite replaces and write the resolved config (called once the model
+        and data have loaded, so bad input leaves no half-made run behind)."""
+        if cfg.resume:
+            return
         if self.path.exists() and cfg.overwrite:
             for name in (SUMMARY, METRICS, CONFIG, "adapter", "model", CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.new"):
                 target = self.path / name

@@ -185,7 +185,7 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise LorafitError("--precision fp16 needs a GPU; on the CPU use bf16 or fp32")
     run = RunDir(Path(cfg.output_dir or Path("runs") / cfg.run_name()))
-    run.prepare(cfg)
+    run.check(cfg)
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision))
     set_seed(cfg.seed)
 
@@ -196,8 +196,9 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     model = build_model(cfg, task)
     counts = count_parameters(model)
     optimizer = make_optimizer(model, cfg)
+    run.start(cfg)
 
-    micro_per_epoch = len(batch_order(len(train_data), cfg.batch_size, cfg.seed, 0))
+    micro_per_epoch = len(_shard(batch_order(len(train_data), cfg.batch_size, cfg.seed, 0), accelerator))
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     scheduler = linear_schedule(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
@@ -220,7 +221,7 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     while progress.step < total_steps:
         order = batch_order(len(train_data), cfg.batch_size, cfg.seed, progress.epoch,
                             train_data.lengths, cfg.group_by_length)
-        order = order[accelerator.process_index :: accelerator.num_processes]  # global batch = bs x processes
+        order = _shard(order, accelerator)
         for start in range(progress.batch_in_epoch, len(order), cfg.grad_accum):
             group = order[start : start + cfg.grad_accum]
             running_loss += _accumulate(model, accelerator, train_data, group, pad_id)
@@ -252,6 +253,18 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     if accelerator.is_main_process:
         run.write_summary(summary)
     return summary
+
+
+def _shard(order: list[np.ndarray], accelerator: Any) -> list[np.ndarray]:
+    """This process's batches: every n-th one, so the global batch is batch_size x processes.
+
+    With several processes the epoch is cut to a multiple of their number, so that every process
+    takes the same number of steps (as DistributedSampler's drop_last does).
+    """
+    n = accelerator.num_processes
+    if n == 1:
+        return order
+    return order[: len(order) - len(order) % n][accelerator.process_index :: n]
 
 
 def _accumulate(model: nn.Module, accelerator: Any, data: Encoded, group: list[np.ndarray], pad_id: int) -> torch.Tensor:
