@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from lorafit.errors import LorafitError
-from lorafit.sweep import LORA_ONLY, distinguishing_fields, format_value
+from lorafit.sweep import LORA_ONLY, distinguishing_fields, format_value, freeze
 
 # -- the paper's numbers (data, not code) -----------------------------------------------------
 
@@ -192,12 +192,6 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
 # -- grouping ---------------------------------------------------------------------------------
 
 
-def _freeze(v: Any) -> Any:
-    if isinstance(v, list):
-        return tuple(_freeze(x) for x in v)
-    if isinstance(v, dict):
-        return tuple(sorted((k, _freeze(x)) for k, x in v.items()))
-    return v
 
 
 @dataclass
@@ -247,7 +241,7 @@ class Row:
 
     @property
     def key(self) -> tuple:
-        return (self.model, self.method, self.rank, self.targets, _freeze(list(self.variant)))
+        return (self.model, self.method, self.rank, self.targets, freeze(list(self.variant)))
 
     @property
     def label(self) -> str:
@@ -293,7 +287,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
     for run in runs:
         if run.value is None:
             continue
-        key = _freeze(run.settings)
+        key = freeze(run.settings)
         if key in groups:
             seeds = groups[key].seeds
             if run.config.get("seed") in seeds:
@@ -323,7 +317,7 @@ def build_rows(groups: list[Group]) -> list[Row]:
     rows: dict[tuple, Row] = {}
     for g in groups:
         model, method, rank, targets = base(g)
-        variant = tuple((f, g.settings.get(f)) for f in extra if f in g.settings)
+        variant = tuple((f, freeze(g.settings.get(f))) for f in extra if f in g.settings)
         row = Row(model, method, rank, targets, variant, target_order=g.runs[0].targets)
         row = rows.setdefault(row.key, row)
         row.cells[g.task] = g
@@ -417,8 +411,8 @@ def detect_sections(rows: list[Row]) -> list[Section]:
     ):
         series: dict[tuple, list[Row]] = {}
         for r in lora:
-            series.setdefault(_freeze(list(same(r))), []).append(r)
-        picked = [r for s in series.values() if len({_freeze(differ(r)) for r in s}) > 1 for r in s]
+            series.setdefault(freeze(list(same(r))), []).append(r)
+        picked = [r for s in series.values() if len({freeze(differ(r)) for r in s}) > 1 for r in s]
         if picked:
             sections.append(Section(title, intro, picked))
             shown |= {r.key for r in picked}

@@ -321,11 +321,16 @@ def format_value(value: Any) -> str:
 def identity(cfg: TrainConfig | dict[str, Any]) -> tuple:
     """What a run trains: every setting except how it is executed (and where)."""
     values = cfg.to_dict() if isinstance(cfg, TrainConfig) else cfg
-    return tuple((k, _freeze(v)) for k, v in values.items() if k not in RUNTIME)
+    return tuple((k, freeze(v)) for k, v in values.items() if k not in RUNTIME)
 
 
-def _freeze(v: Any) -> Any:
-    return tuple(v) if isinstance(v, list) else v
+def freeze(v: Any) -> Any:
+    """A hashable copy of a setting: lists become tuples, dicts sorted tuples of pairs."""
+    if isinstance(v, list):
+        return tuple(freeze(x) for x in v)
+    if isinstance(v, dict):
+        return tuple(sorted((k, freeze(x)) for k, x in v.items()))
+    return v
 
 
 def distinguishing_fields(groups: Iterable[list[dict[str, Any]]], ignore: Iterable[str] = ()) -> list[str]:
@@ -339,7 +344,7 @@ def distinguishing_fields(groups: Iterable[list[dict[str, Any]]], ignore: Iterab
     for group in groups:
         for d in group[1:]:
             for k in group[0].keys() | d.keys():
-                if k not in ignore and _freeze(group[0].get(k)) != _freeze(d.get(k)):
+                if k not in ignore and freeze(group[0].get(k)) != freeze(d.get(k)):
                     found[k] = None
     order = {k: i for i, k in enumerate(DEFAULTS)}
     return sorted(found, key=lambda k: (order.get(k, len(order)), k))
@@ -421,7 +426,7 @@ def _expand(grid: Grid) -> tuple[list[Cell], list[tuple[str, Any]]]:
                 used.add((fieldname, key))
                 for k, v in settings.items():
                     origin = f"overrides.{fieldname}.{key}"
-                    if k in changes and _freeze(changes[k][0]) != _freeze(v):
+                    if k in changes and freeze(changes[k][0]) != freeze(v):
                         raise LorafitError(
                             f"{where}: {changes[k][1]} and {origin} both set {k!r}, to different values")
                     changes[k] = (v, origin)
