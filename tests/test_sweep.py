@@ -117,7 +117,7 @@ def test_overrides_give_full_fine_tuning_its_own_learning_rate(tmp_path: Path) -
     assert cells["mrpc/full/seed0"].learning_rate == 5e-5
     assert cells["rte/full/seed0"].max_train_samples == 100 and cells["mrpc/full/seed0"].max_train_samples is None
     # The recipe is the layer below: LoRA cells keep its learning rate and alpha, the grid's epochs.
-    lora = cells["rte/lora-r4-query+value/seed0"]
+    lora = cells["rte/lora-r4/seed0"]
     assert (lora.learning_rate, lora.alpha, lora.lora_dropout, lora.epochs) == (5e-4, 16.0, 0.1, 1.0)
     assert lora.max_train_samples == 100
     assert cells["mrpc/full/seed0"].lora_dropout == 0.0  # LoRA settings of the recipe do not leak into full
@@ -176,8 +176,8 @@ def test_shipped_grids_name_themselves_and_expand() -> None:
         assert expand(grid)
     main_cells = {c.name: c.config for c in expand(load_grid("minilm-main"))}
     assert len(main_cells) == 5 * 2 * 5  # tasks x (LoRA, full) x seeds, each from its recipe
-    assert main_cells["rte/full/seed4"].learning_rate == 5e-5 and main_cells["rte/full/seed4"].epochs == 5.0
-    assert main_cells["sst2/lora-r8-query+value/seed0"].batch_size == 32
+    assert main_cells["rte/full/seed4"].learning_rate == 5e-5 and main_cells["rte/full/seed4"].epochs == 3.0
+    assert main_cells["sst2/lora-r8/seed0"].batch_size == 32
     ablation = expand(load_grid("minilm-ablation"))
     assert len(ablation) == 2 * (6 * 4 * 3 + 3)
     assert {c.config.learning_rate for c in ablation if c.config.method == "full"} == {5e-5}
@@ -191,7 +191,7 @@ def test_shipped_grids_name_themselves_and_expand() -> None:
 def test_a_recipe_axis_and_a_recipe_flag(tmp_path: Path) -> None:
     path = write_grid(tmp_path / "g.yaml", {"output_dir": str(tmp_path / "o"),
                                              "grid": {"recipe": ["minilm/rte", "minilm/full/rte"], "seed": [0]}})
-    assert names(expand(load_grid(path))) == ["rte/lora-r8-query+value/seed0", "rte/full/seed0"]
+    assert names(expand(load_grid(path))) == ["rte/lora-r8/seed0", "rte/full/seed0"]
     # --recipe fixes the recipe for every cell, as any training flag fixes its field.
     cells = expand(grid_from_args(parse("--grid", str(path), "--recipe", "minilm/full/mrpc")))
     assert names(cells) == ["mrpc/full/seed0"]
