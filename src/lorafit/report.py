@@ -113,7 +113,8 @@ class Run:
     @property
     def settings(self) -> dict[str, Any]:
         """What the run trained, without seed and execution details: equal for seeds of one configuration."""
-        s = {k: v for k, v in self.config.items() if k not in NOT_SETTINGS}
+        # Defaults first: a config.yaml written before a field existed means that field's default.
+        s = {k: v for k, v in {**_config_defaults(), **self.config}.items() if k not in NOT_SETTINGS}
         s["task"], s["method"] = self.task, self.method
         s["model"] = self.summary.get("model") or self.config.get("model")
         if self.method == "full":
@@ -122,6 +123,12 @@ class Run:
         else:
             s["target_modules"] = sorted(self.targets) if self.targets else None
         return s
+
+
+def _config_defaults() -> dict[str, Any]:
+    from lorafit.config import TrainConfig
+
+    return TrainConfig().to_dict()
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -249,8 +256,10 @@ class Row:
         text = f"{model} {'FT' if self.method == 'full' else 'LoRA'}"
         if self.method == "lora":
             text += f" r={self.rank} ({', '.join(self.target_order or self.targets or ['default'])})"
+        defaults = _config_defaults()
         for name, value in self.variant:
-            text += f", {name}={format_value(value)}"
+            if value != freeze(defaults.get(name)):  # the default goes without saying
+                text += f", {name}={format_value(value)}"
         return text
 
     @property
@@ -368,6 +377,7 @@ class Section:
     intro: str
     rows: list[Row]
     with_paper: bool = False
+    shared_tasks_only: bool = False  # ablations: only the tasks the compared rows share
 
 
 def headline_lora(rows: list[Row]) -> tuple[list[Row], bool]:
@@ -414,7 +424,7 @@ def detect_sections(rows: list[Row]) -> list[Section]:
             series.setdefault(freeze(list(same(r))), []).append(r)
         picked = [r for s in series.values() if len({freeze(differ(r)) for r in s}) > 1 for r in s]
         if picked:
-            sections.append(Section(title, intro, picked))
+            sections.append(Section(title, intro, picked, shared_tasks_only=True))
             shown |= {r.key for r in picked}
     rest = [r for r in rows if r.key not in shown]
     if rest:
@@ -424,8 +434,10 @@ def detect_sections(rows: list[Row]) -> list[Section]:
     return sections
 
 
-def markdown_table(rows: list[Row], with_paper: bool = False) -> str:
+def markdown_table(rows: list[Row], with_paper: bool = False, shared_tasks_only: bool = False) -> str:
     tasks = task_order({t for r in rows for t in r.cells})
+    if shared_tasks_only:  # a row from another study may have more tasks: its averages would not compare
+        tasks = [t for t in tasks if sum(t in r.cells for r in rows) > 1] or tasks
     metric = {t: next(r.cells[t].metric for r in rows if t in r.cells) for t in tasks}
     ns = [len(g.values) for r in rows for g in r.cells.values()]
     typical = max(set(ns), key=lambda n: (ns.count(n), n))  # cells with another number of seeds say so
@@ -524,7 +536,7 @@ def write_markdown(rows: list[Row], groups: list[Group], command: str, plots: li
         parts += ["", f"## {section.title}", ""]
         if section.intro:
             parts += [section.intro, ""]
-        parts.append(markdown_table(section.rows, section.with_paper))
+        parts.append(markdown_table(section.rows, section.with_paper, section.shared_tasks_only))
     parts += [
         "", "## Reference: the paper's RoBERTa-base rows", "",
         f"From {PAPER_SOURCE} (GLUE dev sets, %; \\* = numbers the paper copied from prior work; "
