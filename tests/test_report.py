@@ -194,9 +194,16 @@ def test_table_columns_in_paper_order_with_the_average_over_present_tasks(tmp_pa
     full = table_line(md, "all-MiniLM-L6-v2 FT")
     assert full.endswith("| 87.0 | 51.0 | 73.0±2.0 (n=2) | 89.0 | 75.0 |")
     assert "Cells without (n=…) are the median of 1 seed." in md
-    # A row with fewer tasks averages the ones it has, and says how many.
+    # The rank ablation shows only the task its rows share, so its averages compare ...
     r4 = table_line(md, "all-MiniLM-L6-v2 LoRA r=4 (query, value)")
-    assert r4.endswith("| 81.0 | – | – | – | 81.0 (1 task) |")
+    assert r4.endswith("| 36.9K | 81.0 | 81.0 |")
+    assert "| 73.7K | 86.0 | 86.0 |" in md  # the r=8 row in that table: MRPC only
+    # ... while in a table over all tasks a row with fewer tasks averages those it has, and says so.
+    from lorafit.report import build_rows, find_runs, group_runs, markdown_table
+
+    everything = markdown_table(build_rows(group_runs(find_runs([tmp_path]))))
+    assert table_line(everything, "all-MiniLM-L6-v2 LoRA r=4 (query, value)").endswith(
+        "| 81.0 | – | – | – | 81.0 (1 task) |")
     # The paper's rows beside ours, over the same columns (their Avg averages the shown tasks).
     paper = table_line(md, "*RoB-base LoRA (paper: Hu et al. 2022, Table 2)*")
     assert paper.endswith(f"| 89.7±.7 | 63.4±1.2 | 86.6±.7 | 91.5±.2 | {statistics.fmean([89.7, 63.4, 86.6, 91.5]):.1f} |")

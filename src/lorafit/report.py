@@ -256,9 +256,8 @@ class Row:
         text = f"{model} {'FT' if self.method == 'full' else 'LoRA'}"
         if self.method == "lora":
             text += f" r={self.rank} ({', '.join(self.target_order or self.targets or ['default'])})"
-        defaults = _config_defaults()
         for name, value in self.variant:
-            if value != freeze(defaults.get(name)):  # the default goes without saying
+            if value is not None:  # an option left unset (e.g. the default head) goes without saying
                 text += f", {name}={format_value(value)}"
         return text
 
