@@ -68,7 +68,7 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
     if not path.exists():
         raise LorafitError(f"{path}: not found (expected a run, adapter or model directory)")
     if (path / "config.yaml").exists():  # a run directory
-        cfg = TrainConfig(**yaml.safe_load((path / "config.yaml").read_text()))
+        cfg = _run_config(path / "config.yaml")
         if cfg.method == "lora":
             if not (path / "adapter" / "adapter_config.json").exists():
                 raise LorafitError(f"{path}: the run has no adapter yet (adapter/ is missing); has it evaluated once?")
@@ -78,7 +78,7 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
         else:
             if not (path / "model" / "config.json").exists():
                 raise LorafitError(f"{path}: the run has no saved model yet (model/ is missing)")
-            model, tokenizer, task = _load_plain(path / "model", trust_remote_code)
+            model, tokenizer, _ = _load_plain(path / "model", trust_remote_code)
             task = resolve_task(cfg)
         trained = Trained(model, tokenizer, task, cfg.max_length, cfg)
     elif (path / "adapter_config.json").exists():
@@ -90,9 +90,8 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
         model, tokenizer = _load_lora(base, path, meta, trust_remote_code)
         trained = Trained(model, tokenizer, _task_from_metadata(meta), meta.get("max_length", 512))
     elif (path / "config.json").exists():
-        model, tokenizer, task = _load_plain(path, trust_remote_code)
-        meta = read_json(path / TASK_FILE) if (path / TASK_FILE).exists() else {}
-        trained = Trained(model, tokenizer, task, meta.get("max_length", 512))
+        model, tokenizer, meta = _load_plain(path, trust_remote_code)
+        trained = Trained(model, tokenizer, _task_from_metadata(meta), meta.get("max_length", 512))
     else:
         raise LorafitError(f"{path}: not a run directory (config.yaml), adapter (adapter_config.json) or model (config.json)")
     if merge:
@@ -101,7 +100,18 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
     return trained
 
 
-def _load_plain(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any, TaskSpec | None]:
+def _run_config(path: Path) -> TrainConfig:
+    from lorafit.config import FIELD_NAMES
+
+    saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(saved, dict) or set(saved) - FIELD_NAMES:
+        unknown = sorted(set(saved) - FIELD_NAMES) if isinstance(saved, dict) else []
+        raise LorafitError(f"{path}: not a lorafit run config{' (unknown keys: ' + ', '.join(unknown) + ')' if unknown else ''}")
+    return TrainConfig(**saved)
+
+
+def _load_plain(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """A plain Transformers model folder, its tokenizer, and the task lorafit recorded beside it."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     try:
@@ -109,8 +119,7 @@ def _load_plain(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any, Ta
         tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
     except (OSError, ValueError) as e:
         raise LorafitError(f"{path}: could not load the model ({e})") from None
-    meta = read_json(path / TASK_FILE) if (path / TASK_FILE).exists() else {}
-    return model, tokenizer, _task_from_metadata(meta)
+    return model, tokenizer, read_json(path / TASK_FILE) if (path / TASK_FILE).exists() else {}
 
 
 def evaluate_trained(path: str | Path, task: str | None = None, data_dir: str | None = None, merged: bool = True,
