@@ -674,7 +674,7 @@ def plot_rank(task: str, rows: list[Row]) -> bytes | None:
         label = "+".join(members[0].target_order or members[0].targets or ["default"])
         if len(models) > 1:
             label = f"{key[0].rsplit('/', 1)[-1]} {label}"
-        label += "".join(f", {n}={format_value(v)}" for n, v in key[2])
+        label += "".join(f", {n}={format_value(v)}" for n, v in key[2] if v is not None)
         ax.errorbar(xs, [g.median for g in groups], yerr=_errors(groups), marker="o", capsize=3, color=color,
                     label=label)
     for color, r in zip(colors[len(series):], fulls):
