@@ -327,3 +327,16 @@ def test_lora_weights_for_other_targets_are_refused(trained, tiny_model, tmp_pat
     model = inject_lora(tiny_model("bert"), LoRAConfig(r=4, alpha=8, target_modules=["key"]))
     with pytest.raises(LorafitError, match="other target modules"):
         load_lora_weights(model, tmp_path)
+
+
+def test_embedded_model_is_recorded_by_hub_id_not_by_local_path(tmp_path) -> None:
+    import json
+
+    from lorafit.lora import LoRAConfig, inject_lora, save_adapter
+    from lorafit.models import EMBEDDED_HUB_ID, load_model
+
+    model, _ = load_model("minilm", 2)
+    inject_lora(model, LoRAConfig(r=2, alpha=4))
+    save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == EMBEDDED_HUB_ID

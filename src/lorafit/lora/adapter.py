@@ -85,7 +85,12 @@ def save_adapter(model: nn.Module, directory: str | Path, metadata: dict[str, An
     if cfg is None:
         raise LorafitError("this model has no LoRA adapter to save (inject_lora was not called)")
     directory = Path(directory)
+    from lorafit.models import display_name
+
+    # The embedded model's folder lies inside this machine's site-packages: record its Hub id,
+    # which PEFT users elsewhere can load, rather than a path that exists only here.
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    base_name = display_name(base_name) if base_name else None
     peft_config = {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS",
