@@ -407,7 +407,7 @@ def test_killed_sweep_resumes_without_retraining_and_reports(tmp_path: Path) -> 
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
 
-def test_parallel_jobs_finish_every_cell(tmp_path):
+def test_parallel_jobs_finish_every_cell(tmp_path, capfd):
     from lorafit.run import RunDir
     from lorafit.sweep import expand, find_grid, load_grid, run_sweep
 
@@ -418,3 +418,5 @@ def test_parallel_jobs_finish_every_cell(tmp_path):
     assert len(cells) == 4 and all(RunDir(c.path).is_finished() for c in cells)
     assert sum(line.endswith(": finished") for line in lines) == 4
     assert [c.name for c in cells] == [c.name for c in expand(grid)]
+    # Workers share this terminal: no interleaved Transformers load/save bars from them.
+    assert "Loading weights" not in capfd.readouterr().err

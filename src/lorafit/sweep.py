@@ -561,6 +561,13 @@ def _train_cell(name: str, cfg: TrainConfig) -> None:
         raise LorafitError(f"sweep cell {name}: {e}") from None
 
 
+def _quiet_worker() -> None:
+    """Workers share the sweep's terminal: Transformers' per-cell load and save bars would interleave."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def _run_parallel(todo: list[tuple[str, Cell, TrainConfig]], cells: list[Cell], jobs: int,
                   say: Callable[[str], None]) -> None:
     """Run cells in ``jobs`` worker processes, each with its share of the CPU threads.
@@ -574,7 +581,8 @@ def _run_parallel(todo: list[tuple[str, Cell, TrainConfig]], cells: list[Cell], 
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_quiet_worker) as pool:
         running = {}
         for head, cell, cfg in todo:
             cfg = cfg.replace(progress=False, num_threads=cfg.num_threads or threads)
