@@ -750,6 +750,10 @@ def plot_curves(task: str, rows: list[Row]) -> bytes | None:
                             alpha=0.12)
     metric = lines[0][1].metric
     ax.set_xlabel("epoch")
+    if all(e.is_integer() for _, _, points in lines for e, _ in points):  # per-epoch evaluation: no 1.25 ticks
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"dev {_metric_label(metric)} (%)")
     band = ", band: min–max" if bands and any(len(g.runs) > 1 for _, g, _ in lines) else ""
     ax.set_title(f"{task_title(task)}: dev {_metric_label(metric)} during training (median over seeds{band})",
