@@ -308,3 +308,21 @@ def test_splice_into_keeps_the_prose_and_replaces_only_the_generated_part(tmp_pa
     doc.write_text("no marks here\n")
     with pytest.raises(LorafitError, match="--into .*reproduction.md: expected one line"):
         splice_into(doc, out / "results.md")
+
+
+def test_the_committed_reproduction_report_is_what_its_runs_give(tmp_path: Path, monkeypatch) -> None:
+    # docs/reproduction.md promises that nothing in its tables is typed by hand: regenerating the
+    # report from the committed run files must give the committed results.md and results.csv.
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)  # results.csv names runs by their path relative to the repository
+    studies = [f"docs/reproduction/runs/{s}" for s in ("main", "rank", "targets", "head")]
+    command = shlex.join(["lorafit", "report", *studies, "--output", "docs/reproduction"])
+    report = make_report([Path(s) for s in studies], tmp_path, command=command)
+    committed = repo / "docs" / "reproduction"
+    for name in ("results.md", "results.csv"):
+        assert (tmp_path / name).read_text(encoding="utf-8") == (committed / name).read_text(encoding="utf-8"), name
+    assert sorted(n for n in report.files if n.endswith(".png")) == sorted(p.name for p in committed.glob("*.png"))
+    # The report spliced into docs/reproduction.md holds the same table rows.
+    doc = (repo / "docs" / "reproduction.md").read_text(encoding="utf-8")
+    rows = [line for line in (tmp_path / "results.md").read_text(encoding="utf-8").splitlines() if line.startswith("| ")]
+    assert len(rows) > 40 and all(row in doc for row in rows)
