@@ -182,11 +182,12 @@ def test_shipped_grids_name_themselves_and_expand() -> None:
     assert len(ablation) == 2 * (6 * 4 * 3 + 3)
     assert {c.config.learning_rate for c in ablation if c.config.method == "full"} == {5e-5}
     # The grids of docs/reproduction.md: 5 tasks x 2 methods x 3 seeds; 2 tasks x 5 ranks x 2 seeds;
-    # 2 target sets x 2 seeds.
+    # 2 target sets x 2 seeds; the head study, 2 tasks x 3 seeds.
     cpu = {c.name: c.config for c in expand(load_grid("minilm-cpu-main"))}
     assert len(cpu) == 30 and cpu["sst2/full/seed2"].max_train_samples == 16000
     assert cpu["cola/full/seed1"].learning_rate == 5e-5 and cpu["cola/lora-r8/seed1"].learning_rate == 5e-4
     assert len(expand(load_grid("minilm-cpu-rank"))) == 20 and len(expand(load_grid("minilm-cpu-targets"))) == 4
+    assert len(expand(load_grid("minilm-cpu-head"))) == 2 * 3
 
 
 def test_a_recipe_axis_and_a_recipe_flag(tmp_path: Path) -> None:
