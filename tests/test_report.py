@@ -177,6 +177,7 @@ def test_median_and_half_range_over_seeds(tmp_path: Path) -> None:
     md = (make_report([tmp_path], tmp_path / "r").files["results.md"]).read_text(encoding="utf-8")
     assert "| 84.0±5.0 | 84.0 |" in table_line(md, "all-MiniLM-L6-v2 LoRA r=8 (query, value)")
     assert "median over 3 seeds" in md and "(max − min) / 2" in md
+    assert "Each measured cell is the median of 3 seeds." in md  # every table says how many seeds, even when all agree
 
 
 def test_table_columns_in_paper_order_with_the_average_over_present_tasks(tmp_path: Path) -> None:

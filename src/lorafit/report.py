@@ -467,8 +467,9 @@ def markdown_table(rows: list[Row], with_paper: bool = False, shared_tasks_only:
             label = f"*{_md(p.label)} (paper: Hu et al. 2022, Table 2)*"
             avg = _pct(statistics.fmean(shown))
             lines.append("| " + " | ".join([label, p.trainable, *cells, avg]) + " |")
-    if len(set(ns)) > 1:
-        lines += ["", f"Cells without (n=…) are the median of {typical} seed{'s' if typical > 1 else ''}."]
+    seeds = f"{typical} seed{'s' if typical > 1 else ''}"
+    lines += ["", f"Cells without (n=…) are the median of {seeds}." if len(set(ns)) > 1
+              else f"Each measured cell is the median of {seeds}."]
     return "\n".join(lines)
 
 
