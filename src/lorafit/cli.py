@@ -69,11 +69,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: se
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lorafit.config import TrainConfig, make_config
+    from lorafit.distributed import is_main_process
     from lorafit.train import train_seeds
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     cfg = make_config(args.recipe, **overrides)
     summary = train_seeds(cfg)
+    if not is_main_process():  # under torchrun / accelerate launch, one process reports
+        return 0
     if cfg.seeds:
         print(f"{summary['metric']}: median {summary['median']:.4f} over seeds {cfg.seeds} "
               f"(values {', '.join(f'{v:.4f}' for v in summary['values'])})")
@@ -142,8 +145,11 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from lorafit.distributed import refuse_launched
     from lorafit.sweep import run_sweep_cli
 
+    refuse_launched("sweep", "run it directly (its cells train one after another); to spread one cell over "
+                    "several processes, launch `lorafit train` with that cell's settings")
     return run_sweep_cli(args)
 
 

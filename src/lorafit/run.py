@@ -2,6 +2,7 @@
 
     <run>/config.yaml        the resolved TrainConfig
     <run>/metrics.jsonl      one line per evaluation
+    <run>/train_loss.jsonl   the training loss every --log-steps optimizer steps
     <run>/summary.json       best metric and epoch, parameter counts, time, speed, memory
     <run>/adapter/           the best adapter, PEFT format (LoRA runs)
     <run>/model/             the best model, save_pretrained format (full fine-tuning runs)
@@ -30,6 +31,7 @@ from lorafit.io import atomic_write_bytes, atomic_write_json, read_json
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+TRAIN_LOSS = "train_loss.jsonl"
 CHECKPOINT = "checkpoint"
 
 
@@ -87,7 +89,8 @@ class RunDir:
         if cfg.resume:
             return
         if self.path.exists() and cfg.overwrite:
-            for name in (SUMMARY, METRICS, CONFIG, "adapter", "model", CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.new"):
+            for name in (SUMMARY, METRICS, TRAIN_LOSS, CONFIG, "adapter", "model",
+                         CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.new"):
                 target = self.path / name
                 if target.is_dir():
                     shutil.rmtree(target)
@@ -99,6 +102,18 @@ class RunDir:
     def append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.path / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+    def append_train_loss(self, record: dict[str, Any]) -> None:
+        with open(self.path / TRAIN_LOSS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def trim_train_loss(self, step: int) -> None:
+        """Drop the loss lines after ``step`` (a resumed run trains those steps again)."""
+        path = self.path / TRAIN_LOSS
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.path / SUMMARY, summary)

@@ -25,8 +25,31 @@ from torch import nn
 
 from lorafit import __version__
 from lorafit.config import TrainConfig
-from lorafit.data import Encoded, TaskSpec, batch_order, collate, custom_task, encode_split, eval_batches
-from lorafit.data import TASKS, get_task, load_custom, load_split
+from lorafit.data import (
+    TASKS,
+    Encoded,
+    TaskSpec,
+    batch_order,
+    collate,
+    custom_task,
+    encode_split,
+    eval_batches,
+    get_task,
+    load_custom,
+    load_split,
+)
+from lorafit.distributed import (
+    check_resumable,
+    describe,
+    fill_fsdp_wrap_policy,
+    full_weights,
+    global_batches,
+    is_main_process,
+    local_slice,
+    make_accelerator,
+    predict_logits_sharded,
+    process_rng_states,
+)
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_write_json, read_json
 from lorafit.lora import LoRAConfig, count_parameters, inject_lora, save_adapter
@@ -177,16 +200,16 @@ class Progress:
 
 def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[str, Any]:
     """Train one run and return its summary. ``cfg.seeds`` runs are handled by :func:`train_seeds`."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise LorafitError("--precision fp16 needs a GPU; on the CPU use bf16 or fp32")
     run = RunDir(Path(cfg.output_dir or Path("runs") / cfg.run_name()))
     run.check(cfg)
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision))
+    accelerator = make_accelerator({"fp32": "no"}.get(cfg.precision, cfg.precision))
+    if cfg.num_threads:  # after Accelerate, which sets its own thread count for CPU processes
+        torch.set_num_threads(cfg.num_threads)
+    accelerator.print(f"lorafit: {describe(accelerator, cfg.batch_size, cfg.grad_accum)}")
     set_seed(cfg.seed)
 
     task = resolve_task(cfg)
@@ -196,9 +219,11 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     model = build_model(cfg, task)
     counts = count_parameters(model)
     optimizer = make_optimizer(model, cfg)
-    run.start(cfg)
+    accelerator.wait_for_everyone()  # every process has checked the run directory before it changes
+    if accelerator.is_main_process:
+        run.start(cfg)
 
-    micro_per_epoch = len(_shard(batch_order(len(train_data), cfg.batch_size, cfg.seed, 0), accelerator))
+    micro_per_epoch = len(_epoch_batches(cfg, train_data, 0, accelerator))
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     scheduler = linear_schedule(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
@@ -206,7 +231,8 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
 
     progress, rng = Progress(), None
     if cfg.resume:
-        progress, rng = _restore(run, model, optimizer, scheduler)
+        progress, rng = _restore(run, model, optimizer, scheduler, accelerator)
+    fill_fsdp_wrap_policy(accelerator, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if rng is not None:  # last, so that nothing in between draws from the restored streams
         torch.set_rng_state(rng["torch_rng"])
@@ -219,9 +245,7 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     running_loss = torch.zeros((), device=accelerator.device)  # summed on device: no per-step host sync
     started = time.perf_counter() - progress.train_seconds
     while progress.step < total_steps:
-        order = batch_order(len(train_data), cfg.batch_size, cfg.seed, progress.epoch,
-                            train_data.lengths, cfg.group_by_length)
-        order = _shard(order, accelerator)
+        order = _epoch_batches(cfg, train_data, progress.epoch, accelerator)
         for start in range(progress.batch_in_epoch, len(order), cfg.grad_accum):
             group = order[start : start + cfg.grad_accum]
             running_loss += _accumulate(model, accelerator, train_data, group, pad_id)
@@ -232,7 +256,7 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
             optimizer.zero_grad(set_to_none=True)
             progress.advance(group, train_data.lengths, epoch_done=start + len(group) >= len(order))
             if progress.step % cfg.log_steps == 0 or progress.step == total_steps:
-                _log(bar, running_loss, progress, scheduler, started, cfg.log_steps)
+                _log(bar, running_loss, progress, scheduler, started, cfg.log_steps, run, accelerator)
             bar.update(1)
             at_eval = progress.step % eval_every == 0 or progress.step == total_steps
             if at_eval:
@@ -252,39 +276,42 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     summary = _summary(cfg, task, counts, progress, accelerator)
     if accelerator.is_main_process:
         run.write_summary(summary)
+    accelerator.wait_for_everyone()  # the run is finished for every process once its summary exists
     return summary
 
 
-def _shard(order: list[np.ndarray], accelerator: Any) -> list[np.ndarray]:
-    """This process's batches: every n-th one, so the global batch is batch_size x processes.
-
-    With several processes the epoch is cut to a multiple of their number, so that every process
-    takes the same number of steps (as DistributedSampler's drop_last does).
-    """
+def _epoch_batches(cfg: TrainConfig, data: Encoded, epoch: int, accelerator: Any) -> list[np.ndarray]:
+    """The epoch's global micro-batches (batch_size x processes examples); each process takes a slice."""
     n = accelerator.num_processes
-    if n == 1:
-        return order
-    return order[: len(order) - len(order) % n][accelerator.process_index :: n]
+    order = batch_order(len(data), cfg.batch_size * n, cfg.seed, epoch, data.lengths, cfg.group_by_length)
+    return global_batches(order, n)
 
 
 def _accumulate(model: nn.Module, accelerator: Any, data: Encoded, group: list[np.ndarray], pad_id: int) -> torch.Tensor:
-    """Forward and backward over the micro-batches of one optimizer step; returns the loss (on device)."""
+    """Forward and backward over the micro-batches of one optimizer step; returns this process's
+    share of the loss (on device; the mean over processes is the step's loss)."""
     total = torch.zeros((), device=accelerator.device)
-    for i, indices in enumerate(group):
+    for i, global_batch in enumerate(group):
+        indices, weight = local_slice(global_batch, accelerator.num_processes, accelerator.process_index)
         batch = {k: v.to(accelerator.device) for k, v in collate(data, indices, pad_id).items()}
         last = i == len(group) - 1  # DDP all-reduces gradients on the last micro-batch only
         with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
-            loss = model(**batch).loss / len(group)
+            loss = model(**batch).loss * weight / len(group)
         accelerator.backward(loss)
         total += loss.detach()
     return total
 
 
-def _log(bar: Any, running_loss: torch.Tensor, progress: Progress, scheduler: Any, started: float, every: int) -> None:
+def _log(bar: Any, running_loss: torch.Tensor, progress: Progress, scheduler: Any, started: float, every: int,
+         run: RunDir, accelerator: Any) -> None:
     elapsed = max(time.perf_counter() - started, 1e-9)
     count = progress.step % every or every
-    bar.set_postfix(loss=f"{running_loss.item() / count:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                    ex_s=f"{progress.examples / elapsed:.0f}")
+    # Each process holds its weighted share; their mean is the loss of the global batches.
+    loss = accelerator.reduce(running_loss, "mean").item() / count
+    lr = scheduler.get_last_lr()[0]
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{progress.examples / elapsed:.0f}")
+    if accelerator.is_main_process:
+        run.append_train_loss({"step": progress.step, "loss": loss, "learning_rate": lr})
     running_loss.zero_()
 
 
@@ -297,23 +324,32 @@ def _progress_bar(cfg: TrainConfig, total: int, initial: int, accelerator: Any):
 
 def _evaluate_and_keep_best(cfg, run, accelerator, model, evals, task, pad_id, progress: Progress, epoch: float,
                             tokenizer) -> None:
-    # Dev sets are small: every process evaluates all of it; only the main process writes.
-    metrics = evaluate(accelerator.unwrap_model(model), evals, task, cfg, pad_id, accelerator.autocast)
+    if accelerator.num_processes == 1:
+        metrics = evaluate(accelerator.unwrap_model(model), evals, task, cfg, pad_id, accelerator.autocast)
+    else:  # the processes share the dev set out and gather the logits (see predict_logits_sharded)
+        metrics = compute_metrics(task, {
+            name: (predict_logits_sharded(model, data, cfg.eval_batch_size, pad_id, accelerator.autocast,
+                                          accelerator), data.labels)
+            for name, data in evals.items()
+        })
     value = metrics[task.metric]
     improved = progress.best_metric is None or value > progress.best_metric
     if improved:
         progress.best_metric, progress.best_epoch, progress.best_step = value, epoch, progress.step
         progress.best_metrics = metrics
-    if not accelerator.is_main_process:
+    if accelerator.is_main_process:
+        run.append_metrics({"step": progress.step, "epoch": epoch, **metrics,
+                            "train_seconds": round(progress.train_seconds, 2), "best": improved})
+    if not improved:  # the same on every process: the metrics were computed from the same logits
         return
-    run.append_metrics({"step": progress.step, "epoch": epoch, **metrics,
-                        "train_seconds": round(progress.train_seconds, 2), "best": improved})
-    if improved:
-        model = accelerator.unwrap_model(model)
+    with full_weights(accelerator, model):
+        if not accelerator.is_main_process:
+            return
+        unwrapped = accelerator.unwrap_model(model)
         if cfg.method == "lora":
-            save_adapter(model, run.adapter, _adapter_metadata(cfg, task))
+            save_adapter(unwrapped, run.adapter, _adapter_metadata(cfg, task))
         else:
-            model.save_pretrained(run.model)
+            unwrapped.save_pretrained(run.model)
             tokenizer.save_pretrained(run.model)
 
 
@@ -332,21 +368,30 @@ def _adapter_metadata(cfg: TrainConfig, task: TaskSpec) -> dict[str, Any]:
 
 def _save_checkpoint(run, accelerator, model, optimizer, scheduler, progress: Progress) -> None:
     accelerator.wait_for_everyone()
+    # Dropout draws from each process's own RNG stream: all of them are saved, in rank order.
+    rngs = process_rng_states(accelerator) if accelerator.num_processes > 1 else None
+    with full_weights(accelerator, model):
+        unwrapped = accelerator.unwrap_model(model)
+        trainable = {n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
     if not accelerator.is_main_process:
         return
-    unwrapped = accelerator.unwrap_model(model)
-    trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
     training_state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "num_processes": accelerator.num_processes,
     }
+    if rngs is not None:
+        training_state["process_rng"] = rngs
     run.save_checkpoint(trainable, training_state, vars(progress).copy())
 
 
-def _restore(run: RunDir, model: nn.Module, optimizer, scheduler) -> tuple[Progress, dict[str, Any]]:
+def _restore(run: RunDir, model: nn.Module, optimizer, scheduler, accelerator) -> tuple[Progress, dict[str, Any]]:
     trainable, training_state, state = run.load_checkpoint()
+    check_resumable(accelerator, training_state.get("num_processes", 1))
+    if "process_rng" in training_state:
+        training_state["torch_rng"] = training_state["process_rng"][accelerator.process_index]
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(trainable) != expected:
@@ -356,7 +401,10 @@ def _restore(run: RunDir, model: nn.Module, optimizer, scheduler) -> tuple[Progr
             params[name].copy_(value)
     optimizer.load_state_dict(training_state["optimizer"])
     scheduler.load_state_dict(training_state["scheduler"])
-    return Progress(**state), training_state
+    progress = Progress(**state)
+    if accelerator.is_main_process:  # steps trained after the checkpoint are trained again
+        run.trim_train_loss(progress.step)
+    return progress, training_state
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -384,6 +432,8 @@ def _summary(cfg: TrainConfig, task: TaskSpec, counts: Any, progress: Progress, 
         "best_step": progress.best_step,
         "best_metrics": progress.best_metrics,
         "steps": progress.step,
+        "num_processes": accelerator.num_processes,
+        "global_batch_size": cfg.batch_size * accelerator.num_processes * cfg.grad_accum,
         "epochs": progress.epoch + (progress.batch_in_epoch > 0),
         "trainable_parameters": {"adapter": counts.adapter, "head": counts.head,
                                  "trainable": counts.trainable, "total": counts.total},
@@ -436,5 +486,6 @@ def train_seeds(cfg: TrainConfig) -> dict[str, Any]:
         "values": values,
         "runs": [str(root / f"seed-{s}") for s in cfg.seeds],
     }
-    atomic_write_json(root / "seeds_summary.json", result)
+    if is_main_process():
+        atomic_write_json(root / "seeds_summary.json", result)
     return result
