@@ -92,6 +92,33 @@ def test_sweep_refuses_to_run_under_a_launcher(monkeypatch, capsys):
     assert "sweep runs as one process but was launched as 2" in err and "lorafit train" in err
 
 
+def test_shipped_accelerate_configs_load_as_accelerate_configs():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from lorafit.accelerate import CONFIG_DIR, config_path
+
+    files = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    assert files == ["ddp", "fsdp", "zero2", "zero3"]
+    loaded = {name: load_config_from_file(str(config_path(name))) for name in files}
+    assert loaded["ddp"].distributed_type.value == "MULTI_GPU"
+    fsdp = loaded["fsdp"].fsdp_config
+    assert loaded["fsdp"].distributed_type.value == "FSDP" and fsdp["fsdp_use_orig_params"] is True
+    assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD" and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert [loaded[z].deepspeed_config["zero_stage"] for z in ("zero2", "zero3")] == [2, 3]
+
+
+def test_fsdp_wraps_by_the_encoders_layer_class(tiny_bert):
+    from types import SimpleNamespace
+
+    from lorafit.distributed import fill_fsdp_wrap_policy
+    from lorafit.models import load_model
+
+    plugin = SimpleNamespace(transformer_cls_names_to_wrap=None)
+    model, _ = load_model(tiny_bert, 2)
+    fill_fsdp_wrap_policy(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)), model)
+    assert plugin.transformer_cls_names_to_wrap == ["BertLayer"]
+
+
 # -- end to end -------------------------------------------------------------------------------
 
 

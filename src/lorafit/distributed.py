@@ -69,6 +69,13 @@ def make_accelerator(mixed_precision: str) -> Any:
     return accelerator
 
 
+def check_supported(accelerator: Any, grad_accum: int) -> None:
+    """Refuse what lorafit's loop cannot yet do under the launched strategy."""
+    if accelerator.distributed_type.value == "DEEPSPEED" and grad_accum != 1:
+        # DeepSpeed's engine scales and steps by its own gradient_accumulation_steps.
+        raise LorafitError("--grad-accum must be 1 under DeepSpeed (raise --batch-size or the process count)")
+
+
 def describe(accelerator: Any, batch_size: int, grad_accum: int) -> str:
     """One line on how the run is spread: processes, backend and the global batch."""
     n = accelerator.num_processes

@@ -40,6 +40,7 @@ from lorafit.data import (
 )
 from lorafit.distributed import (
     check_resumable,
+    check_supported,
     describe,
     fill_fsdp_wrap_policy,
     full_weights,
@@ -210,6 +211,7 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     if cfg.num_threads:  # after Accelerate, which sets its own thread count for CPU processes
         torch.set_num_threads(cfg.num_threads)
     accelerator.print(f"lorafit: {describe(accelerator, cfg.batch_size, cfg.grad_accum)}")
+    check_supported(accelerator, cfg.grad_accum)
     set_seed(cfg.seed)
 
     task = resolve_task(cfg)
