@@ -92,6 +92,14 @@ def test_sweep_refuses_to_run_under_a_launcher(monkeypatch, capsys):
     assert "sweep runs as one process but was launched as 2" in err and "lorafit train" in err
 
 
+def test_one_process_can_change_precision_between_runs():
+    from lorafit.distributed import make_accelerator
+
+    assert make_accelerator("no").mixed_precision == "no"
+    accelerator = make_accelerator("bf16")  # Accelerate alone refuses a second, different state
+    assert accelerator.mixed_precision == "bf16" and accelerator.num_processes == 1
+
+
 def test_shipped_accelerate_configs_load_as_accelerate_configs():
     from accelerate.commands.config.config_args import load_config_from_file
 

@@ -56,6 +56,12 @@ def make_accelerator(mixed_precision: str) -> Any:
     from accelerate.utils import DataLoaderConfiguration
 
     world = launched_world_size()
+    if world == 1:
+        # One process may train several runs (the Python API, --seeds, tests) with different
+        # --precision; Accelerate's state is a process-wide singleton that refuses a new one.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     # split_batches: lorafit cuts each global batch into the processes' slices itself. Accelerate's
     # default assumes every process draws a whole batch, and steps the LR scheduler once per
     # process at each optimizer step, which would run the schedule N times too fast.
