@@ -88,8 +88,8 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, tiny_run, interrup
     state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 8
     # How a run executes may change on --resume (the report counts these as one configuration).
-    train(tiny_run("resumed", resume=True, log_steps=3, save_steps=5, eval_batch_size=7, num_threads=1,
-               **common))
+    train(tiny_run("resumed", resume=True, **{**common, "log_steps": 3, "save_steps": 5, "eval_batch_size": 7,
+                                              "num_threads": 1}))
     a = load_file(tmp_path / "straight" / "checkpoint" / "trainable.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoint" / "trainable.safetensors")
     assert a.keys() == b.keys()

@@ -12,7 +12,7 @@ from typing import Any
 
 from lorafit.config import LORA_ONLY, NOT_SETTINGS, field_defaults
 from lorafit.errors import LorafitError
-from lorafit.run import RunDir
+from lorafit.run import SUMMARY, RunDir
 from lorafit.settings import freeze
 
 
@@ -93,7 +93,7 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
         root = Path(given)
         if not root.is_dir():
             raise LorafitError(f"report: {root}: no such directory")
-        for summary in sorted(root.rglob("summary.json")):
+        for summary in sorted(root.rglob(SUMMARY)):
             key = summary.parent.resolve()
             if key not in runs and (run := load_run(summary.parent)) is not None:
                 runs[key] = run
