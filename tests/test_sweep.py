@@ -164,8 +164,8 @@ def test_resolved_grid_file_reloads_to_the_same_cells(tmp_path: Path) -> None:
 
 
 def test_shipped_grids_name_themselves_and_expand() -> None:
-    assert list_grids() == ["minilm-ablation", "minilm-cpu-head", "minilm-cpu-main", "minilm-cpu-rank",
-                            "minilm-cpu-targets", "minilm-main", "smoke"]
+    assert list_grids() == ["minilm-ablation", "minilm-conv-lr-full", "minilm-conv-lr-lora", "minilm-cpu-head",
+                            "minilm-cpu-main", "minilm-cpu-rank", "minilm-cpu-targets", "minilm-main", "smoke"]
     for name in list_grids():
         path = grid_root() / f"{name}.yaml"
         first = path.read_text(encoding="utf-8").splitlines()[0]
@@ -187,6 +187,8 @@ def test_shipped_grids_name_themselves_and_expand() -> None:
     assert cpu["cola/full/seed1"].learning_rate == 5e-5 and cpu["cola/lora-r8/seed1"].learning_rate == 5e-4
     assert len(expand(load_grid("minilm-cpu-rank"))) == 20 and len(expand(load_grid("minilm-cpu-targets"))) == 4
     assert len(expand(load_grid("minilm-cpu-head"))) == 2 * 3
+    # The converged protocol's learning-rate searches: 5 tasks x 3 learning rates, one seed.
+    assert len(expand(load_grid("minilm-conv-lr-lora"))) == len(expand(load_grid("minilm-conv-lr-full"))) == 15
 
 
 def test_a_recipe_axis_and_a_recipe_flag(tmp_path: Path) -> None:
