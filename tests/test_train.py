@@ -87,9 +87,9 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, tiny_run, interrup
         train(tiny_run("resumed", **common))
     state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 8
-    # How a run executes may change on --resume (the report counts these as one configuration).
-    train(tiny_run("resumed", resume=True, **{**common, "log_steps": 3, "save_steps": 5, "eval_batch_size": 7,
-                                              "num_threads": 1}))
+    # How often it logs and checkpoints may change on --resume (other threads or eval batches would
+    # too, but they change float rounding, so not here, where the result must be bit-identical).
+    train(tiny_run("resumed", resume=True, **{**common, "log_steps": 3, "save_steps": 5}))
     a = load_file(tmp_path / "straight" / "checkpoint" / "trainable.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoint" / "trainable.safetensors")
     assert a.keys() == b.keys()
