@@ -64,7 +64,10 @@ class RunDir:
             if not self.has_checkpoint():
                 raise LorafitError(f"--resume: {self.path} has no checkpoint to resume from")
             saved = yaml.safe_load((self.path / CONFIG).read_text())
-            changed = {k for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS and saved.get(k) != v}
+            # A run saved before a field existed ran with that field's default.
+            defaults = TrainConfig.__dataclass_fields__
+            changed = {k for k, v in cfg.to_dict().items()
+                       if k not in RUNTIME_KEYS and saved.get(k, defaults[k].default) != v}
             if changed:
                 raise LorafitError(
                     f"--resume: settings differ from the run in {self.path}: {', '.join(sorted(changed))} "

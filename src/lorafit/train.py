@@ -23,10 +23,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorafit import __version__
+from lorafit import __version__, fastpath
 from lorafit.config import TrainConfig
-from lorafit.data import Encoded, TaskSpec, batch_order, collate, custom_task, encode_split, eval_batches
-from lorafit.data import TASKS, get_task, load_custom, load_split
+from lorafit.data import (
+    TASKS,
+    Encoded,
+    TaskSpec,
+    batch_order,
+    collate,
+    custom_task,
+    encode_split,
+    eval_batches,
+    get_task,
+    load_custom,
+    load_split,
+)
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_write_json, read_json
 from lorafit.lora import LoRAConfig, count_parameters, inject_lora, save_adapter
@@ -103,7 +114,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         if p.requires_grad:
             (no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                             **fastpath.adamw_kwargs(cfg.fused_optimizer, decay + no_decay))
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -180,13 +192,19 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    if cfg.precision == "fp16" and not torch.cuda.is_available():
+    from lorafit.bench.env import physical_cores
+
+    device = fastpath.resolve_device(cfg.device)
+    # Hyper-threads share one core's matrix units: more threads than cores only adds contention.
+    torch.set_num_threads(cfg.num_threads or physical_cores())
+    precision = fastpath.resolve_precision(cfg.precision, device)
+    if precision == "fp16" and device.type != "cuda":
         raise LorafitError("--precision fp16 needs a GPU; on the CPU use bf16 or fp32")
+    frozen_bf16 = fastpath.resolve_frozen_bf16(cfg.frozen_bf16, precision, cfg.method)
+    buckets = fastpath.bucket_lengths(cfg.length_buckets, cfg.max_length, cfg.compile)
     run = RunDir(Path(cfg.output_dir or Path("runs") / cfg.run_name()))
     run.check(cfg)
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision))
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device.type == "cpu")
     set_seed(cfg.seed)
 
     task = resolve_task(cfg)
@@ -195,6 +213,8 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     train_data, evals = load_data(cfg, task, tokenizer)
     model = build_model(cfg, task)
     counts = count_parameters(model)
+    if frozen_bf16:
+        fastpath.cast_frozen_linears(model)
     optimizer = make_optimizer(model, cfg)
     run.start(cfg)
 
@@ -213,6 +233,12 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
         if rng["cuda_rng"]:
             torch.cuda.set_rng_state_all(rng["cuda_rng"])
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # Only the training step is compiled; evaluation and saving use the plain module.
+    step_model = model
+    if cfg.compile:
+        step_model = fastpath.compile_model(model, fastpath.compile_mode(cfg.compile_mode, accelerator.device),
+                                            2 * len(buckets or ()))
+    shapes = fastpath.ShapeTimer(accelerator.device, enabled=cfg.compile)
 
     bar = _progress_bar(cfg, total_steps, progress.step, accelerator)
     model.train()
@@ -224,12 +250,15 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
         order = _shard(order, accelerator)
         for start in range(progress.batch_in_epoch, len(order), cfg.grad_accum):
             group = order[start : start + cfg.grad_accum]
-            running_loss += _accumulate(model, accelerator, train_data, group, pad_id)
+            shapes.start(tuple((len(g), fastpath.padded_width(int(train_data.lengths[g].max()), buckets))
+                               for g in group))
+            running_loss += _accumulate(step_model, accelerator, train_data, group, pad_id, buckets)
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            shapes.stop()
             progress.advance(group, train_data.lengths, epoch_done=start + len(group) >= len(order))
             if progress.step % cfg.log_steps == 0 or progress.step == total_steps:
                 _log(bar, running_loss, progress, scheduler, started, cfg.log_steps)
@@ -250,6 +279,9 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     bar.close()
     progress.train_seconds = time.perf_counter() - started
     summary = _summary(cfg, task, counts, progress, accelerator)
+    summary.update(precision=precision, compile_seconds=round(shapes.seconds, 2), speed={
+        "frozen_bf16": frozen_bf16, "compile": cfg.compile, "length_buckets": list(buckets) if buckets else None,
+        "fused_optimizer": cfg.fused_optimizer, "attention": getattr(model.config, "_attn_implementation", None)})
     if accelerator.is_main_process:
         run.write_summary(summary)
     return summary
@@ -267,11 +299,13 @@ def _shard(order: list[np.ndarray], accelerator: Any) -> list[np.ndarray]:
     return order[: len(order) - len(order) % n][accelerator.process_index :: n]
 
 
-def _accumulate(model: nn.Module, accelerator: Any, data: Encoded, group: list[np.ndarray], pad_id: int) -> torch.Tensor:
+def _accumulate(model: nn.Module, accelerator: Any, data: Encoded, group: list[np.ndarray], pad_id: int,
+                buckets: tuple[int, ...] | None = None) -> torch.Tensor:
     """Forward and backward over the micro-batches of one optimizer step; returns the loss (on device)."""
     total = torch.zeros((), device=accelerator.device)
     for i, indices in enumerate(group):
-        batch = {k: v.to(accelerator.device) for k, v in collate(data, indices, pad_id).items()}
+        batch = collate(data, indices, pad_id, length_buckets=buckets)
+        batch = fastpath.to_device(batch, accelerator.device)
         last = i == len(group) - 1  # DDP all-reduces gradients on the last micro-batch only
         with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
             loss = model(**batch).loss / len(group)

@@ -67,7 +67,13 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                 raise LorafitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
         if args.threads is not None and args.threads < 1:
             raise LorafitError(f"--threads must be >= 1, got {args.threads}")
-        work = Workload(task=args.task, model=args.model, batch_size=args.batch_size, epochs=args.epochs,
+        from pathlib import Path
+
+        from lorafit.models import RANDOM_PREFIX, SHIPPED_CONFIGS
+
+        # A shipped architecture name that is not a local folder: random weights (speed needs none).
+        model = RANDOM_PREFIX + args.model if args.model in SHIPPED_CONFIGS and not Path(args.model).exists() else args.model
+        work = Workload(task=args.task, model=model, batch_size=args.batch_size, epochs=args.epochs,
                         learning_rate=args.learning_rate, seed=args.seed, threads=args.threads,
                         max_length=args.max_length, max_train_samples=args.max_train_samples,
                         max_eval_samples=args.max_eval_samples, eval_batch_size=args.eval_batch_size,
