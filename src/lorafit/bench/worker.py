@@ -40,12 +40,10 @@ def lorafit_config(work: Workload, side: Side, output_dir: str, **overrides: Any
         learning_rate=work.learning_rate, seed=work.seed, num_threads=work.threads, max_length=work.max_length,
         max_train_samples=work.max_train_samples, max_eval_samples=work.max_eval_samples,
         eval_batch_size=work.eval_batch_size, rank=work.rank, alpha=work.alpha, lora_dropout=work.lora_dropout,
-        output_dir=output_dir, progress=False, save_steps=None,
+        output_dir=output_dir, progress=False, save_steps=None, device=work.device,
         eval_steps=10**9,  # evaluate once, after the last step, as the baseline does
         **work.extra,
     )
-    if work.device != "cpu" or "device" in values:
-        values["device"] = work.device
     if work.length_buckets:
         values["length_buckets"] = work.length_buckets
     if side.precision:
