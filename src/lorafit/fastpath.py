@@ -37,6 +37,23 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cuda")
 
 
+def make_accelerator(precision: str, device: torch.device) -> Any:
+    """An ``Accelerator`` for ``precision`` on ``device``.
+
+    Accelerate keeps one process-wide state and refuses a second Accelerator with another mixed
+    precision; runs of different precisions in one process (the Python API, the tests) need it
+    rebuilt. The process group (``PartialState``) is kept.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    mixed = {"fp32": "no"}.get(precision, precision)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` becomes bf16 where the hardware multiplies bf16 natively, else fp32."""
     if precision != "auto":

@@ -189,7 +189,6 @@ class Progress:
 
 def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[str, Any]:
     """Train one run and return its summary. ``cfg.seeds`` runs are handled by :func:`train_seeds`."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from lorafit.bench.env import physical_cores
@@ -204,7 +203,7 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     buckets = fastpath.bucket_lengths(cfg.length_buckets, cfg.max_length, cfg.compile)
     run = RunDir(Path(cfg.output_dir or Path("runs") / cfg.run_name()))
     run.check(cfg)
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=device.type == "cpu")
+    accelerator = fastpath.make_accelerator(precision, device)
     set_seed(cfg.seed)
 
     task = resolve_task(cfg)
