@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 9, as one script for a GPU session (one H200, about 10 minutes).
+# The GPU checks of issue 9, as one script for a GPU session (one H200; step limits add up to 9 minutes).
 #
 # Prepare here (CPU machine, once):  PYTHONPATH=src python -m lorafit.bench.carry .gpu_carry/minilm-fp16
 # Run there, from the repository root, carrying .gpu_carry:  bash scripts/gpu_check.sh
@@ -31,7 +31,7 @@ PY
 
 # 1. The issue's first GPU target: roberta-base shape, LoRA r=8, batch 16, every batch padded to 128
 #    (static shapes), eager vs CUDA graphs; the anchor is PEFT's plain loop at 420 examples/s.
-step roberta_b16_pad128 200 train --device cuda --model roberta-base --task sst2 --max-train-samples 8192 \
+step roberta_b16_pad128 180 train --device cuda --model roberta-base --task sst2 --max-train-samples 8192 \
   --batch-size 16 --length-buckets 128 --repeats 1 --sides lorafit@bf16,lorafit@bf16+compile,peft@bf16
 
 # 2. Batch 64, dynamic padding (and bucketed when compiled): % of the bf16 matmul peak.
@@ -39,7 +39,7 @@ step roberta_b64_dynamic 150 train --device cuda --model roberta-base --task sst
   --batch-size 64 --repeats 1 --sides lorafit@bf16,lorafit@bf16+compile,peft@bf16
 
 # 3. The embedded model on MRPC (real weights): speed and dev metric against PEFT at its best.
-step minilm_mrpc 120 train --device cuda --task mrpc --epochs 3 --batch-size 16 --repeats 1 \
+step minilm_mrpc 150 train --device cuda --task mrpc --epochs 3 --batch-size 16 --repeats 1 \
   --sides lorafit@bf16,peft@bf16,peft@fp32
 
 # 4. Inference latency: base vs LoRA unmerged vs merged (roberta-base shape).
