@@ -53,11 +53,11 @@ def peft_train(work: Workload, side: Side) -> dict[str, Any]:
     from lorafit.bench.worker import lorafit_config, peak_memory
     from lorafit.metrics import compute_metrics
     from lorafit.models import load_tokenizer
-    from lorafit.train import build_model, load_data, resolve_task
+    from lorafit.train import build_model, load_data
 
     precision = side.precision or "fp32"  # the Trainer's own default
     cfg = lorafit_config(work, Side("lorafit", precision), output_dir=tempfile.mkdtemp(), method="full")
-    task = resolve_task(cfg)
+    task = cfg.task_spec()
     tokenizer = load_tokenizer(cfg.model)
     train_data, evals = load_data(cfg, task, tokenizer)
     model = build_model(cfg, task)  # the plain model with its fresh head (method full: no lorafit LoRA)

@@ -77,10 +77,10 @@ def _inference_model(work: Workload, variant: str) -> tuple[torch.nn.Module, Any
     """The model for one inference variant: base, LoRA unmerged, or LoRA merged and unloaded."""
     from lorafit.lora import merge_and_unload
     from lorafit.models import load_tokenizer
-    from lorafit.train import build_model, load_data, resolve_task
+    from lorafit.train import build_model, load_data
 
     cfg = lorafit_config(work, Side("lorafit"), tempfile.mkdtemp(), method="full" if variant == "base" else "lora")
-    task = resolve_task(cfg)
+    task = cfg.task_spec()
     tokenizer = load_tokenizer(cfg.model)
     _, evals = load_data(cfg, task, tokenizer)
     model = build_model(cfg, task)
@@ -139,10 +139,10 @@ def peak(work: Workload, side: Side, budget: float = 0.5) -> dict[str, Any]:
     """The FLOP count per token of this model and the matmul peak at its own layer shapes."""
     from lorafit.bench.flops import layer_shapes, linear_flops_per_token, matmul_peak
     from lorafit.models import load_tokenizer
-    from lorafit.train import build_model, load_data, resolve_task
+    from lorafit.train import build_model, load_data
 
     cfg = lorafit_config(work, side, tempfile.mkdtemp())
-    task = resolve_task(cfg)
+    task = cfg.task_spec()
     train_data, _ = load_data(cfg, task, load_tokenizer(cfg.model))
     model = build_model(cfg, task)
     full = build_model(cfg.replace(method="full"), task)
