@@ -276,7 +276,7 @@ VALID = {"task": "rte"}
     ({"warmup_ratio": 1.5}, "--warmup-ratio must be in [0, 1), got 1.5"),
     ({"classifier_dropout": -0.5}, "--classifier-dropout must be in [0, 1), got -0.5"),
     ({"method": "adapter"}, "--method must be one of lora, full; got 'adapter'"),
-    ({"precision": "fp8"}, "--precision must be one of fp32, bf16, fp16; got 'fp8'"),
+    ({"precision": "fp8"}, "--precision must be one of auto, fp32, bf16, fp16; got 'fp8'"),
     ({"method": "full", "init_adapter": "a"}, "--init-adapter applies to --method lora"),
     ({"text_columns": ["a", "b", "c"]}, "--text-columns takes one or two column names"),
     ({"train_file": "t.csv"}, "custom data needs both --train-file and --validation-file"),
@@ -296,7 +296,7 @@ def test_field_tags_give_the_lists_the_rest_of_lorafit_uses():
     from lorafit.config import LORA_ONLY, NOT_SETTINGS, ONE_OFF_KEYS, PER_RUN_KEYS, RUNTIME_KEYS
 
     assert RUNTIME_KEYS == {"eval_batch_size", "output_dir", "overwrite", "resume", "save_steps", "log_steps",
-                            "num_threads", "progress"}
+                            "num_threads", "progress", "device"}
     assert PER_RUN_KEYS == {"output_dir", "overwrite", "resume", "seeds"}
     assert set(LORA_ONLY) == {"rank", "alpha", "lora_dropout", "target_modules", "use_rslora", "modules_to_save",
                               "init_adapter"}

@@ -146,6 +146,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return run_sweep_cli(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lorafit.bench.cli import run_bench_cli
+
+    return run_bench_cli(args)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from lorafit.report.make import run_report_cli
 
@@ -208,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="tables and plots from run or sweep directories")
     add_report_arguments(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="speed of lorafit vs HF Trainer + PEFT, side by side (train, infer, memory)")
+    from lorafit.bench.cli import add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, parser_class=_Parser, metavar="COMMAND")

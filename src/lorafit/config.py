@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from lorafit.lora.config import LoRAConfig
 
 Method = Literal["lora", "full"]
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+CompileMode = Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 
 # Field tags (a field may carry several; an untagged field is an ordinary training setting).
 # How a run is executed, not what it learns: may change on --resume, never taken from a recipe,
@@ -76,9 +77,16 @@ class TrainConfig:
     weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay (not applied to biases and LayerNorm)"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0 disables)"))
     classifier_dropout: float | None = field(default=None, metadata=_help("dropout before the classifier (default: the model's)"))
-    precision: Precision = field(default="fp32", metadata=_help("fp32, bf16 (autocast; CPU or GPU) or fp16 (GPU only)"))
+    precision: Precision = field(default="fp32", metadata=_help("fp32, bf16 (autocast; CPU or GPU), fp16 (GPU only), or auto (bf16 where the CPU/GPU multiplies bf16 natively, else fp32)"))
     seed: int = field(default=0, metadata=_help("random seed", SEED))
     seeds: list[int] | None = field(default=None, metadata=_help("comma-separated seeds: one run each, and the median (as in the paper)", SEED, PER_RUN, ONE_OFF))
+    # Speed (see docs/performance.md; `lorafit bench` measures each).
+    frozen_bf16: bool | None = field(default=None, metadata=_help("store the frozen base weights in bf16, LoRA and head in fp32 (default: on when LoRA trains in bf16)"))
+    compile: bool = field(default=False, metadata=_help("torch.compile the model (batches padded to --length-buckets so shapes are few)"))
+    compile_mode: CompileMode = field(default="auto", metadata=_help("torch.compile mode; auto: reduce-overhead (CUDA graphs) on a GPU, default on a CPU"))
+    length_buckets: list[int] | None = field(default=None, metadata=_help("pad each batch up to the next of these lengths (default with --compile: 16,32,48,64,96,128,... up to --max-length)"))
+    fused_optimizer: bool = field(default=True, metadata=_help("one fused AdamW kernel for all trainable parameters (else a per-tensor loop)"))
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_help("auto (a GPU when there is one), cpu or cuda", RUNTIME))
     # Data.
     max_length: int = field(default=128, metadata=_help("truncate inputs to this many tokens (padding is dynamic)"))
     eval_batch_size: int = field(default=64, metadata=_help("examples per evaluation batch", RUNTIME))
@@ -136,8 +144,10 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise LorafitError(f"{flag(name)} must be in [0, 1), got {value!r}")
-        for name, allowed in (("method", ("lora", "full")), ("precision", ("fp32", "bf16", "fp16")),
-                              ("task_type", ("classification", "regression"))):
+        for name, allowed in (("method", ("lora", "full")), ("precision", ("auto", "fp32", "bf16", "fp16")),
+                              ("task_type", ("classification", "regression")),
+                              ("compile_mode", ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")),
+                              ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, name) not in allowed:
                 raise LorafitError(f"{flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.method == "full" and self.init_adapter:
@@ -145,6 +155,14 @@ class TrainConfig:
         for name in ("target_modules", "modules_to_save"):  # a list here; LoRAConfig also takes a regex
             if getattr(self, name) is not None and not isinstance(getattr(self, name), (list, tuple)):
                 raise LorafitError(f"{flag(name)} must be a non-empty list of module names, got {getattr(self, name)!r}")
+        if self.length_buckets is not None and (
+            not self.length_buckets
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in self.length_buckets)
+        ):
+            raise LorafitError(f"--length-buckets must be positive integers, got {self.length_buckets!r}")
+        if self.frozen_bf16 is not None and not isinstance(self.frozen_bf16, bool):
+            raise LorafitError(f"--frozen-bf16 must be true or false, got {self.frozen_bf16!r}")
+
         from lorafit.lora.config import LoRAConfigError  # here: `lorafit --help` need not import torch
 
         try:  # the LoRA fields are checked by LoRAConfig, the one owner of those rules

@@ -44,7 +44,7 @@ def refuse_launched(command: str, hint: str) -> None:
         raise LorafitError(f"{command} runs as one process but was launched as {launched_world_size()}; {hint}")
 
 
-def make_accelerator(mixed_precision: str) -> Any:
+def make_accelerator(mixed_precision: str, device: torch.device | None = None) -> Any:
     """An Accelerator joined to the process group the launcher set up.
 
     Without a GPU, Accelerate only builds a CPU process group when told to use the CPU
@@ -65,7 +65,9 @@ def make_accelerator(mixed_precision: str) -> Any:
     # split_batches: lorafit cuts each global batch into the processes' slices itself. Accelerate's
     # default assumes every process draws a whole batch, and steps the LR scheduler once per
     # process at each optimizer step, which would run the schedule N times too fast.
-    accelerator = Accelerator(cpu=world > 1 and not torch.cuda.is_available(), mixed_precision=mixed_precision,
+    # ``device`` is the run's resolved --device: a CPU run on a machine with a GPU stays on the CPU.
+    cpu = device.type == "cpu" if device is not None else world > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     if accelerator.num_processes != world:
         raise LorafitError(

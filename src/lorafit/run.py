@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lorafit import __version__
-from lorafit.config import FIELD_NAMES, RUNTIME_KEYS, TrainConfig
+from lorafit.config import FIELD_NAMES, RUNTIME_KEYS, TrainConfig, field_defaults
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_write_bytes, atomic_write_json, read_json
 
@@ -169,7 +169,9 @@ class RunDir:
         """Settings of ``cfg`` that differ from the run's config.yaml, leaving out how a run is
         executed (the fields tagged RUNTIME, which may change on --resume)."""
         saved = self.config()
-        return sorted(k for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS and saved.get(k) != v)
+        defaults = field_defaults()  # a run saved before a field existed ran with that field's default
+        return sorted(k for k, v in cfg.to_dict().items()
+                      if k not in RUNTIME_KEYS and saved.get(k, defaults[k]) != v)
 
     def start(self, cfg: TrainConfig) -> None:
         """Clear what --overwrite replaces and write the resolved config (called once the model
@@ -294,6 +296,8 @@ def build_summary(cfg: TrainConfig, task: TaskSpec, counts: ParameterCount, prog
         "trainable_parameters": {"adapter": counts.adapter, "head": counts.head,
                                  "trainable": counts.trainable, "total": counts.total},
         "train_seconds": round(progress.train_seconds, 2),
+        "examples": progress.examples,
+        "tokens": progress.tokens,
         "examples_per_second": round(progress.examples / seconds, 2),
         "tokens_per_second": round(progress.tokens / seconds, 1),
         "peak_memory_gib": round(peak_memory_gib(device), 3),

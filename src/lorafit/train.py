@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorafit import __version__
+from lorafit import __version__, fastpath
 from lorafit.config import TrainConfig
 from lorafit.data import Encoded, TaskSpec, batch_order, collate, encode_split, load_custom, load_split
 from lorafit.distributed import (
@@ -100,7 +100,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         if p.requires_grad:
             (no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                             **fastpath.adamw_kwargs(cfg.fused_optimizer, decay + no_decay))
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -128,13 +129,21 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train one run and return its summary. ``cfg.seeds`` runs are handled by :func:`lorafit.cli.train_seeds`."""
     from accelerate.utils import set_seed
 
-    if cfg.precision == "fp16" and not torch.cuda.is_available():
+    from lorafit.bench.env import physical_cores
+
+    device = fastpath.resolve_device(cfg.device)
+    precision = fastpath.resolve_precision(cfg.precision, device)
+    if precision == "fp16" and device.type != "cuda":
         raise LorafitError("--precision fp16 needs a GPU; on the CPU use bf16 or fp32")
+    frozen_bf16 = fastpath.resolve_frozen_bf16(cfg.frozen_bf16, precision, cfg.method)
+    buckets = fastpath.bucket_lengths(cfg.length_buckets, cfg.max_length, cfg.compile)
     run = RunDir(Path(cfg.output_dir or Path("runs") / cfg.run_name()))
     run.check(cfg)
-    accelerator = make_accelerator({"fp32": "no"}.get(cfg.precision, cfg.precision))
-    if cfg.num_threads:  # after Accelerate, which sets its own thread count for CPU processes
-        torch.set_num_threads(cfg.num_threads)
+    accelerator = make_accelerator({"fp32": "no"}.get(precision, precision), device)
+    # After Accelerate, which sets its own thread count for CPU processes (cores / processes). One
+    # process takes every physical core: hyper-threads share a core's matrix units and only contend.
+    if cfg.num_threads or accelerator.num_processes == 1:
+        torch.set_num_threads(cfg.num_threads or physical_cores())
     accelerator.print(f"lorafit: {describe(accelerator, cfg.batch_size, cfg.grad_accum)}")
     check_supported(accelerator, cfg.grad_accum)
     set_seed(cfg.seed)
@@ -145,6 +154,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_data, evals = load_data(cfg, task, tokenizer)
     model = build_model(cfg, task)
     counts = count_parameters(model)
+    if frozen_bf16:
+        fastpath.cast_frozen_linears(model)
     optimizer = make_optimizer(model, cfg)
     accelerator.wait_for_everyone()  # every process has checked the run directory before it changes
     if accelerator.is_main_process:
@@ -167,6 +178,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             torch.cuda.set_rng_state_all(rng["cuda_rng"])
     state = _Session(cfg, run, accelerator, model, optimizer, scheduler, task, tokenizer, pad_id, evals, progress)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # Only the training step is compiled; evaluation and saving use the plain module.
+    step_model = model
+    if cfg.compile:
+        step_model = fastpath.compile_model(model, fastpath.compile_mode(cfg.compile_mode, accelerator.device),
+                                            2 * len(buckets or ()))
+    shapes = fastpath.ShapeTimer(accelerator.device, enabled=cfg.compile)
 
     bar = _progress_bar(cfg, total_steps, progress.step, accelerator)
     model.train()
@@ -176,12 +193,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         order = _epoch_batches(cfg, train_data, progress.epoch, accelerator)
         for start in range(progress.batch_in_epoch, len(order), cfg.grad_accum):
             group = order[start : start + cfg.grad_accum]
-            running_loss += _accumulate(model, accelerator, train_data, group, pad_id)
+            shapes.start(tuple((len(g), fastpath.padded_width(int(train_data.lengths[g].max()), buckets))
+                               for g in group))
+            running_loss += _accumulate(step_model, accelerator, train_data, group, pad_id, buckets)
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            shapes.stop()
             progress.advance(group, train_data.lengths, epoch_done=start + len(group) >= len(order))
             if progress.step % cfg.log_steps == 0 or progress.step == total_steps:
                 _log(bar, running_loss, progress, scheduler, started, cfg.log_steps, run, accelerator)
@@ -199,6 +219,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar.close()
     progress.train_seconds = time.perf_counter() - started
     summary = build_summary(cfg, task, counts, progress, accelerator.device, accelerator.num_processes)
+    summary.update(precision=precision, compile_seconds=round(shapes.seconds, 2), speed={
+        "frozen_bf16": frozen_bf16, "compile": cfg.compile, "length_buckets": list(buckets) if buckets else None,
+        "fused_optimizer": cfg.fused_optimizer, "attention": getattr(accelerator.unwrap_model(model).config, "_attn_implementation", None)})
     if accelerator.is_main_process:
         run.write_summary(summary)
     accelerator.wait_for_everyone()  # the run is finished for every process once its summary exists
@@ -212,13 +235,14 @@ def _epoch_batches(cfg: TrainConfig, data: Encoded, epoch: int, accelerator: Any
     return global_batches(order, n)
 
 
-def _accumulate(model: nn.Module, accelerator: Any, data: Encoded, group: list[np.ndarray], pad_id: int) -> torch.Tensor:
+def _accumulate(model: nn.Module, accelerator: Any, data: Encoded, group: list[np.ndarray], pad_id: int,
+                buckets: tuple[int, ...] | None = None) -> torch.Tensor:
     """Forward and backward over the micro-batches of one optimizer step; returns this process's
     share of the loss (on device; the mean over processes is the step's loss)."""
     total = torch.zeros((), device=accelerator.device)
     for i, global_batch in enumerate(group):
         indices, weight = local_slice(global_batch, accelerator.num_processes, accelerator.process_index)
-        batch = {k: v.to(accelerator.device) for k, v in collate(data, indices, pad_id).items()}
+        batch = fastpath.to_device(collate(data, indices, pad_id, length_buckets=buckets), accelerator.device)
         last = i == len(group) - 1  # DDP all-reduces gradients on the last micro-batch only
         with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
             loss = model(**batch).loss * weight / len(group)

@@ -95,6 +95,7 @@ def collate(
     indices: np.ndarray | list[int],
     pad_token_id: int,
     pad_to_multiple_of: int | None = None,
+    length_buckets: tuple[int, ...] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Pad the examples ``indices`` to the longest of them and stack them into tensors.
 
@@ -104,6 +105,8 @@ def collate(
         pad_token_id: The tokenizer's pad token id.
         pad_to_multiple_of: Round the padded length up to a multiple of this (e.g. 8 for
             tensor cores).
+        length_buckets: Sorted lengths; pad up to the smallest that holds the longest example
+            (so a compiled model meets only these shapes).
 
     Returns:
         ``input_ids`` and ``attention_mask`` (int64, shape ``(B, L)``), ``token_type_ids``
@@ -118,6 +121,8 @@ def collate(
     if pad_to_multiple_of:
         _check_positive("pad_to_multiple_of", pad_to_multiple_of)
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    if length_buckets:
+        width = next((b for b in length_buckets if b >= width), width)
 
     input_ids = np.full((len(indices), width), pad_token_id, dtype=np.int64)
     attention_mask = np.zeros((len(indices), width), dtype=np.int64)

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 9, as one script for a GPU session (one H200; step limits add up to 9 minutes).
+#
+# Prepare here (CPU machine, once):  PYTHONPATH=src python -m lorafit.bench.carry .gpu_carry/minilm-fp16
+# Run there, from the repository root, carrying .gpu_carry:  bash scripts/gpu_check.sh
+# There: torch 2.11 / transformers 5.17 / peft 0.21, no pip, no network; src is put on PYTHONPATH and
+# the embedded model comes from the carried fp16 copy. JSON lines and logs go to $OUT (default out/gpu).
+# Each step has its own time limit, so one that hangs or fails does not cost the others.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export LORAFIT_EMBEDDED_MODEL="${LORAFIT_EMBEDDED_MODEL:-$PWD/.gpu_carry/minilm-fp16}"
+export TORCHINDUCTOR_CACHE_DIR="$OUT/.inductor"  # compile once per step, not per process
+BENCH="python -m lorafit.cli bench"
+start=$SECONDS
+
+step() {  # step NAME SECONDS ARGS...: one bench call, its log and JSONL in $OUT
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s, $((SECONDS - start))s elapsed)"
+  timeout -k 10 "$limit" $BENCH "$@" --output "$OUT/$name.jsonl" >"$OUT/$name.log" 2>&1
+  echo "   exit $? after $((SECONDS - start))s"; tail -n 20 "$OUT/$name.log"
+}
+
+python - <<'PY' | tee "$OUT/environment.txt"
+import torch, transformers
+print("torch", torch.__version__, "transformers", transformers.__version__, "cuda", torch.version.cuda)
+print(torch.cuda.get_device_name(), "bf16:", torch.cuda.is_bf16_supported())
+PY
+
+# 1. The issue's first GPU target: roberta-base shape, LoRA r=8, batch 16, every batch padded to 128
+#    (static shapes), eager vs CUDA graphs; the anchor is PEFT's plain loop at 420 examples/s.
+step roberta_b16_pad128 180 train --device cuda --model roberta-base --task sst2 --max-train-samples 8192 \
+  --batch-size 16 --length-buckets 128 --repeats 1 --sides lorafit@bf16,lorafit@bf16+compile,peft@bf16
+
+# 2. Batch 64, dynamic padding (and bucketed when compiled): % of the bf16 matmul peak.
+step roberta_b64_dynamic 150 train --device cuda --model roberta-base --task sst2 --max-train-samples 16384 \
+  --batch-size 64 --repeats 1 --sides lorafit@bf16,lorafit@bf16+compile,peft@bf16
+
+# 3. The embedded model on MRPC (real weights): speed and dev metric against PEFT at its best.
+step minilm_mrpc 150 train --device cuda --task mrpc --epochs 3 --batch-size 16 --repeats 1 \
+  --sides lorafit@bf16,peft@bf16,peft@fp32
+
+# 4. Inference latency: base vs LoRA unmerged vs merged (roberta-base shape).
+step roberta_infer 60 infer --device cuda --model roberta-base --task sst2 --repeats 2 --sides lorafit@bf16
+
+files=()
+for f in "$OUT"/roberta_b16_pad128.jsonl "$OUT"/roberta_b64_dynamic.jsonl "$OUT"/minilm_mrpc.jsonl; do
+  [ -s "$f" ] && files+=(--from "$f")
+done
+[ ${#files[@]} -gt 0 ] && python -m lorafit.cli bench "${files[@]}" --plot "$OUT/gpu_examples_per_s.png" >"$OUT/summary.txt" 2>&1
+cat "$OUT/summary.txt"
+echo "done in $((SECONDS - start))s"

@@ -1,0 +1,50 @@
+"""The figure of ``docs/performance.md``: training examples/s by implementation and setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_throughput(records: list[dict[str, Any]], path: str | Path) -> Path:
+    """Bar chart of median training examples/s (min-max as error bars), one panel per task.
+
+    Args:
+        records: Bench records (measurements and peaks; summaries are recomputed).
+        path: PNG file to write.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot state
+    from matplotlib.figure import Figure
+
+    from lorafit.bench.summary import summarize
+    from lorafit.errors import LorafitError
+    from lorafit.io import atomic_write_bytes
+
+    rows = [r for r in summarize([r for r in records if r.get("kind") in ("measurement", "peak")])
+            if r["kind"] == "summary" and r["mode"] == "train"]
+    if not rows:
+        raise LorafitError("--plot: the records hold no training measurements (run `lorafit bench train`)")
+    panels = sorted({(r["task"], r["model"], r["device"]) for r in rows})
+    fig = Figure(figsize=(4.5 * len(panels), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (task, model, device) in zip(axes, panels, strict=True):
+        mine = [r for r in rows if (r["task"], r["model"], r["device"]) == (task, model, device)]
+        mine.sort(key=lambda r: (r["impl"] != "peft", r["examples_per_second"]["median"]))
+        medians = [r["examples_per_second"]["median"] for r in mine]
+        errors = [[m - r["examples_per_second"]["min"] for m, r in zip(medians, mine, strict=True)],
+                  [r["examples_per_second"]["max"] - m for m, r in zip(medians, mine, strict=True)]]
+        colors = ["#999999" if r["impl"] == "peft" else "#1f77b4" for r in mine]
+        ax.barh([r["side"] for r in mine], medians, xerr=errors, color=colors, capsize=3)
+        for y, m in enumerate(medians):
+            ax.text(m, y, f" {m:.0f}" if m >= 10 else f" {m:.2g}", va="center", fontsize=8)
+        ax.set_xlabel("training examples/s (median, min-max)")
+        threads = mine[0]["environment"]["threads"]
+        ax.set_title(f"{task}, {model.split('/')[-1]}, {device}, {threads} threads", fontsize=9)
+    path = Path(path)
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path

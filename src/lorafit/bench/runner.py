@@ -1,0 +1,143 @@
+"""Run a benchmark: sides alternate (A B A B ...), each measurement in a fresh process.
+
+Alternating spreads slow drifts of a shared machine (other jobs, thermal limits) over every
+side instead of loading them onto whichever ran last. The matmul peak is measured in the same
+invocation, first, so that "% of peak" compares numbers from the same machine state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lorafit.bench.env import physical_cores
+from lorafit.bench.spec import Side, Workload
+from lorafit.errors import LorafitError
+
+MODES = ("train", "infer", "memory")
+INFER_VARIANTS = ("base", "unmerged", "merged")
+MEMORY_VARIANTS = ("lora", "full")
+
+
+def run_worker(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter and return its result."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_file.write_text(json.dumps(spec), encoding="utf-8")
+        # The thread pools are sized before torch starts, so both sides get the same count.
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run([sys.executable, "-m", "lorafit.bench.worker", str(spec_file), str(out_file)],
+                              check=False, env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out_file.exists():
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            raise RuntimeError(f"bench worker failed ({spec['mode']} {spec['side']}):\n{tail}")
+        result = json.loads(out_file.read_text(encoding="utf-8"))
+    if "error" in result:
+        raise LorafitError(result["error"])
+    return result
+
+
+def _spec(mode: str, work: Workload, side: Side, variant: str | None = None) -> dict[str, Any]:
+    return {"mode": mode, "work": work.as_dict(), "side": dataclasses.asdict(side), "variant": variant}
+
+
+def schedule(mode: str, sides: list[Side]) -> list[tuple[Side, str | None]]:
+    """What one repeat measures, in order."""
+    if mode == "train":
+        return [(s, None) for s in sides]
+    variants = INFER_VARIANTS if mode == "infer" else MEMORY_VARIANTS
+    side = next((s for s in sides if s.impl == "lorafit"), Side("lorafit"))
+    return [(side, v) for v in variants]
+
+
+def run_bench(
+    mode: str,
+    work: Workload,
+    sides: list[Side],
+    repeats: int = 3,
+    measure_peak: bool = True,
+    peak_seconds: float = 0.5,
+    say: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """All measurement records of one benchmark, then its summary records (see :mod:`.summary`).
+
+    Args:
+        mode: ``train``, ``infer`` or ``memory``.
+        work: The workload every side runs.
+        sides: Implementations and settings (train mode); infer and memory use the first
+            lorafit side's precision.
+        repeats: Alternations: each side runs once per repeat, in the order given.
+        measure_peak: Measure the matmul peak and the FLOP count first (train mode).
+        peak_seconds: Rough seconds spent timing each matmul shape.
+        say: Progress lines go here.
+    """
+    from lorafit.bench.summary import summarize
+
+    if mode not in MODES:
+        raise LorafitError(f"bench mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if repeats < 1:
+        raise LorafitError(f"--repeats must be >= 1, got {repeats}")
+    if any(s.impl == "peft" for s in sides) and mode == "train":
+        from lorafit.bench.baseline import require_peft
+
+        require_peft()  # fail before any measurement, not after the first lorafit run
+    threads = work.threads or physical_cores()
+    work = dataclasses.replace(work, threads=threads)
+    settings = work.as_dict()
+    records: list[dict[str, Any]] = []
+    if mode == "train" and measure_peak:
+        say("measuring the matmul peak and the FLOP count ...")
+        spec = _spec("peak", work, next((s for s in sides if s.impl == "lorafit"), Side("lorafit")))
+        peak = run_worker({**spec, "budget": peak_seconds}, threads)
+        records.append({"kind": "peak", "mode": mode, "settings": settings, **peak})
+    plan = schedule(mode, sides)
+    for repeat in range(repeats):
+        for side, variant in plan:
+            name = side.label + (f" {variant}" if variant else "")
+            started = time.perf_counter()
+            result = run_worker(_spec(mode, work, side, variant), threads)
+            records.append({"kind": "measurement", "mode": mode, "side": side.label, "impl": side.impl,
+                            "variant": variant, "repeat": repeat, "settings": settings, **result})
+            say(f"[{repeat + 1}/{repeats}] {name}: {_brief(mode, result)} "
+                f"({time.perf_counter() - started:.0f} s wall)")
+    return records + summarize(records)
+
+
+def _brief(mode: str, result: dict[str, Any]) -> str:
+    if mode == "train":
+        return (f"{result['examples_per_second']:.1f} examples/s, dev {result['metric']} "
+                f"{result['dev_metric']:.4f}")
+    if mode == "infer":
+        return f"b1 {result['latency_ms_b1']:.2f} ms, b32 {result['latency_ms_b32']:.1f} ms"
+    return f"peak {result['peak_memory_gib']:.3f} GiB"
+
+
+def write_jsonl(path: str | Path, records: list[dict[str, Any]]) -> None:
+    from lorafit.io import atomic_write_bytes
+
+    atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
+
+
+def read_jsonl(paths: list[str | Path]) -> list[dict[str, Any]]:
+    records = []
+    for path in paths:
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise LorafitError(f"{path}: bench results not found") from None
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise LorafitError(f"{path}:{n}: not a JSON line (expected `lorafit bench --output` records)") from None
+    return records

@@ -1,0 +1,82 @@
+"""What one bench measurement runs: the shared workload and the side (implementation + setting).
+
+Both sides of a comparison get the same :class:`Workload` (task, examples, batch, epochs,
+learning rate, seed, threads, max length, LoRA shape), so they do the same work; a
+:class:`Side` only says who does it and how (``lorafit`` with its options, or ``peft``, the
+Hugging Face Trainer + PEFT baseline, in fp32 or ``bf16=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorafit.errors import LorafitError
+
+IMPLEMENTATIONS = ("lorafit", "peft")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# lorafit options a side may switch on or off by name (``lorafit@bf16+compile-frozen_bf16``).
+LORAFIT_SWITCHES = ("compile", "frozen_bf16", "fused_optimizer", "group_by_length")
+
+
+@dataclass(frozen=True)
+class Side:
+    """One implementation at one setting, written ``IMPL[@PRECISION][+OPTION|-OPTION...]``.
+
+    ``lorafit`` alone means lorafit's defaults; ``peft@bf16`` is the baseline with
+    ``bf16=True``; ``lorafit@bf16+compile`` turns ``--compile`` on, ``-frozen_bf16`` turns
+    an option off.
+    """
+
+    impl: str
+    precision: str | None = None  # None: the implementation's default
+    options: tuple[tuple[str, bool], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> Side:
+        head, *switches = text.strip().replace("-", "+-").split("+")
+        impl, _, precision = head.partition("@")
+        if impl not in IMPLEMENTATIONS:
+            raise LorafitError(f"--sides: {text!r}: implementation must be one of {', '.join(IMPLEMENTATIONS)}")
+        if precision and precision not in PRECISIONS:
+            raise LorafitError(f"--sides: {text!r}: precision must be one of {', '.join(PRECISIONS)}")
+        options = []
+        for s in filter(None, switches):
+            name, on = (s[1:], False) if s.startswith("-") else (s, True)
+            if impl != "lorafit" or name not in LORAFIT_SWITCHES:
+                raise LorafitError(f"--sides: {text!r}: unknown option {name!r} "
+                                   f"(lorafit options: {', '.join(LORAFIT_SWITCHES)})")
+            options.append((name, on))
+        return cls(impl, precision or None, tuple(options))
+
+    @property
+    def label(self) -> str:
+        text = self.impl + (f"@{self.precision}" if self.precision else "")
+        return text + "".join(("+" if on else "-") + name for name, on in self.options)
+
+
+@dataclass
+class Workload:
+    """The work both sides do, identical for each."""
+
+    task: str = "mrpc"
+    model: str = "minilm"
+    batch_size: int = 16
+    epochs: float = 1.0
+    learning_rate: float = 5e-4
+    seed: int = 0
+    threads: int | None = None  # None: physical cores
+    max_length: int = 128
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    eval_batch_size: int = 128
+    rank: int = 8
+    alpha: float = 16.0
+    lora_dropout: float = 0.1
+    device: str = "cpu"
+    length_buckets: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # further TrainConfig fields for lorafit
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,149 @@
+"""Medians, spread, ratios and % of peak from bench measurement records; the terminal table.
+
+Summaries are always recomputed from the ``measurement`` records, so a table built from a
+JSONL file later (``lorafit bench --from``) is the table the run printed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from typing import Any
+
+TRAIN_FIELDS = ("examples_per_second", "tokens_per_second", "dev_metric", "peak_memory_gib", "train_seconds",
+                "compile_seconds")
+INFER_FIELDS = ("latency_ms_b1", "latency_p90_ms_b1", "latency_ms_b32", "latency_p90_ms_b32",
+                "examples_per_second_b32")
+
+
+def _key(record: dict[str, Any]) -> tuple[str, str, str]:
+    s = record["settings"]
+    return s["task"], s["model"], s["device"]
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    median = statistics.median(values)
+    return {"median": median, "min": min(values), "max": max(values),
+            "spread": (max(values) - min(values)) / median if median else 0.0, "n": len(values)}
+
+
+def _peak_for(peaks: list[dict[str, Any]], precision: str) -> float | None:
+    dtype = "bf16" if precision == "bf16" else "fp16" if precision == "fp16" else "fp32"
+    found = [p["gflops"] for p in peaks if p["dtype"] == dtype and p["shape"] == "model"]
+    return found[0] if found else None
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Summary records (``kind: summary`` per side, ``kind: ratio`` per comparison)."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    peaks: dict[tuple, dict[str, Any]] = {}
+    for r in records:
+        if r.get("kind") == "measurement":
+            groups[(*_key(r), r["mode"], r["side"], r.get("variant"))].append(r)
+        elif r.get("kind") == "peak":
+            peaks[_key(r)] = r
+    out = []
+    for (task, model, device, mode, side, variant), rows in groups.items():
+        fields = TRAIN_FIELDS if mode == "train" else INFER_FIELDS if mode == "infer" else ("peak_memory_gib",)
+        summary: dict[str, Any] = {"kind": "summary", "mode": mode, "task": task, "model": model, "device": device,
+                                   "side": side, "impl": rows[0]["impl"], "variant": variant,
+                                   "precision": rows[0].get("precision"), "settings": rows[0]["settings"],
+                                   "environment": rows[0]["environment"]}
+        for f in fields:
+            values = [r[f] for r in rows if r.get(f) is not None]
+            if values:
+                summary[f] = _stats(values)
+        peak = peaks.get((task, model, device))
+        if mode == "train" and peak and rows[0]["impl"] == "lorafit":
+            flops = peak["flops_per_token"]["lora"] * summary["tokens_per_second"]["median"]
+            summary["achieved_gflops"] = flops / 1e9
+            top = _peak_for(peak["peaks"], summary["precision"] or "fp32")
+            summary["peak_gflops"] = top
+            summary["percent_of_peak"] = 100 * flops / 1e9 / top if top else None
+        out.append(summary)
+    return out + _ratios(out)
+
+
+def _ratios(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    by_key: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for s in summaries:
+        by_key[(s["task"], s["model"], s["device"], s["mode"])].append(s)
+    for (task, model, device, mode), rows in by_key.items():
+        base = {"kind": "ratio", "mode": mode, "task": task, "model": model, "device": device}
+        if mode == "train":
+            baselines = [s for s in rows if s["impl"] == "peft"]
+            if not baselines:
+                continue
+            best = max(baselines, key=lambda s: s["examples_per_second"]["median"])
+            for s in (s for s in rows if s["impl"] == "lorafit"):
+                out.append({**base, "side": s["side"], "against": best["side"],
+                            "speedup": s["examples_per_second"]["median"] / best["examples_per_second"]["median"],
+                            "dev_metric_difference": s["dev_metric"]["median"] - best["dev_metric"]["median"]})
+        elif mode == "infer":
+            ref = next((s for s in rows if s["variant"] == "base"), None)
+            for s in (s for s in rows if ref and s["variant"] != "base"):
+                out.append({**base, "side": s["variant"], "against": "base", **{
+                    f"overhead_b{b}": s[f"latency_ms_b{b}"]["median"] / ref[f"latency_ms_b{b}"]["median"] - 1
+                    for b in (1, 32)}})
+        else:
+            lora = next((s for s in rows if s["variant"] == "lora"), None)
+            full = next((s for s in rows if s["variant"] == "full"), None)
+            if lora and full:
+                out.append({**base, "side": "lora", "against": "full", "memory_ratio":
+                            lora["peak_memory_gib"]["median"] / full["peak_memory_gib"]["median"]})
+    return out
+
+
+def _cell(stat: dict[str, float] | None, fmt: str = "{:.1f}") -> str:
+    if not stat:
+        return "-"
+    if stat["n"] == 1:
+        return fmt.format(stat["median"])
+    return f"{fmt.format(stat['median'])} ±{100 * stat['spread'] / 2:.0f}%"
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """The readable table: ratios first, then each side's medians (± half the min-max spread)."""
+    summaries = summarize([r for r in records if r.get("kind") in ("measurement", "peak")])
+    lines: list[str] = []
+    for r in (r for r in summaries if r["kind"] == "ratio"):
+        where = f"{r['task']} {r['model']} {r['device']}"
+        if r["mode"] == "train":
+            lines.append(f"{where}: {r['side']} = {r['speedup']:.2f}x {r['against']} (examples/s, medians); "
+                         f"dev metric {100 * r['dev_metric_difference']:+.2f} pt")
+        elif r["mode"] == "infer":
+            lines.append(f"{where}: LoRA {r['side']} latency vs base: {100 * r['overhead_b1']:+.1f}% at batch 1, "
+                         f"{100 * r['overhead_b32']:+.1f}% at batch 32")
+        else:
+            lines.append(f"{where}: LoRA peak memory = {r['memory_ratio']:.2f}x full fine-tuning")
+    rows = [r for r in summaries if r["kind"] == "summary"]
+    if any(r["mode"] == "train" for r in rows):
+        lines += ["", (f"{'side':<28} {'examples/s':>14} {'tokens/s':>14} {'dev metric':>11} {'peak GiB':>9} "
+                       f"{'GFLOP/s':>8} {'% peak':>7} {'compile s':>9}")]
+        for r in (r for r in rows if r["mode"] == "train"):
+            pct = f"{r['percent_of_peak']:.0f}%" if r.get("percent_of_peak") is not None else "-"
+            gf = f"{r['achieved_gflops']:.0f}" if r.get("achieved_gflops") else "-"
+            lines.append(f"{r['side']:<28} {_cell(r['examples_per_second']):>14} {_cell(r['tokens_per_second'], '{:.0f}'):>14} "
+                         f"{_cell(r['dev_metric'], '{:.4f}'):>11} {_cell(r['peak_memory_gib'], '{:.2f}'):>9} "
+                         f"{gf:>8} {pct:>7} {_cell(r.get('compile_seconds'), '{:.1f}'):>9}")
+    if any(r["mode"] == "infer" for r in rows):
+        lines += ["", f"{'model':<12} {'b1 ms':>10} {'b1 p90':>8} {'b32 ms':>10} {'b32 p90':>8} {'b32 ex/s':>9}"]
+        for r in (r for r in rows if r["mode"] == "infer"):
+            lines.append(f"{r['variant']:<12} {_cell(r['latency_ms_b1'], '{:.2f}'):>10} "
+                         f"{r['latency_p90_ms_b1']['median']:>8.2f} {_cell(r['latency_ms_b32']):>10} "
+                         f"{r['latency_p90_ms_b32']['median']:>8.1f} {r['examples_per_second_b32']['median']:>9.0f}")
+    if any(r["mode"] == "memory" for r in rows):
+        lines += ["", f"{'method':<8} {'peak GiB':>10}"]
+        lines += [f"{r['variant']:<8} {_cell(r['peak_memory_gib'], '{:.3f}'):>10}" for r in rows if r["mode"] == "memory"]
+    peaks = [r for r in records if r.get("kind") == "peak"]
+    for p in peaks:
+        lines += ["", "matmul peak (GFLOP/s): " + ", ".join(f"{q['dtype']} {q['shape']} {q['gflops']:.0f}"
+                                                             for q in p["peaks"])]
+    env = next((r["environment"] for r in rows), None)
+    if env:
+        flags = ",".join(k for k, v in env["cpu_flags"].items() if v) or "none"
+        lines += ["", f"{env['cpu']} (flags: {flags}), {env['threads']} threads, device {env['device']}"
+                      + (f" {env['gpu']}" if env.get("gpu") else "")
+                      + ", " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)]
+    return "\n".join(lines).strip("\n")

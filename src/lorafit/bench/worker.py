@@ -1,0 +1,200 @@
+"""One measurement, in a fresh process: ``python -m lorafit.bench.worker SPEC.json OUT.json``.
+
+Each side of a comparison runs in its own interpreter, so memory peaks, thread pools,
+allocator caches and compiled graphs of one never help or hurt the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lorafit.bench.env import environment, physical_cores
+from lorafit.bench.spec import Side, Workload
+
+
+def peak_memory(device: str) -> float:
+    """Peak memory in GiB: max_memory_allocated on a GPU, the process's peak RSS on the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+def lorafit_config(work: Workload, side: Side, output_dir: str, **overrides: Any):
+    """The TrainConfig for ``work`` done by lorafit at ``side``'s setting."""
+    from lorafit.config import make_config
+
+    values: dict[str, Any] = dict(
+        task=work.task, model=work.model, batch_size=work.batch_size, epochs=work.epochs,
+        learning_rate=work.learning_rate, seed=work.seed, num_threads=work.threads, max_length=work.max_length,
+        max_train_samples=work.max_train_samples, max_eval_samples=work.max_eval_samples,
+        eval_batch_size=work.eval_batch_size, rank=work.rank, alpha=work.alpha, lora_dropout=work.lora_dropout,
+        output_dir=output_dir, progress=False, save_steps=None, device=work.device,
+        eval_steps=10**9,  # evaluate once, after the last step, as the baseline does
+        **work.extra,
+    )
+    if work.length_buckets:
+        values["length_buckets"] = work.length_buckets
+    if side.precision:
+        values["precision"] = side.precision
+    values.update(dict(side.options))
+    values.update(overrides)
+    return make_config(**values)
+
+
+def lorafit_train(work: Workload, side: Side) -> dict[str, Any]:
+    from lorafit.train import train
+
+    with tempfile.TemporaryDirectory() as out:
+        summary = train(lorafit_config(work, side, str(Path(out) / "run")))
+    return {
+        "examples": summary["examples"],
+        "tokens": summary["tokens"],
+        "train_seconds": summary["train_seconds"],
+        "steps": summary["steps"],
+        "examples_per_second": summary["examples_per_second"],
+        "tokens_per_second": summary["tokens_per_second"],
+        "peak_memory_gib": summary["peak_memory_gib"],
+        "metric": summary["metric"],
+        "dev_metric": summary["best_metric"],
+        "precision": summary["precision"],
+        "compile_seconds": summary.get("compile_seconds", 0.0),
+    }
+
+
+def _inference_model(work: Workload, variant: str) -> tuple[torch.nn.Module, Any, Any]:
+    """The model for one inference variant: base, LoRA unmerged, or LoRA merged and unloaded."""
+    from lorafit.lora import merge_and_unload
+    from lorafit.models import load_tokenizer
+    from lorafit.train import build_model, load_data
+
+    cfg = lorafit_config(work, Side("lorafit"), tempfile.mkdtemp(), method="full" if variant == "base" else "lora")
+    task = cfg.task_spec()
+    tokenizer = load_tokenizer(cfg.model)
+    _, evals = load_data(cfg, task, tokenizer)
+    model = build_model(cfg, task)
+    if variant != "base":
+        gen = torch.Generator().manual_seed(work.seed)
+        with torch.no_grad():  # a trained-looking adapter: B != 0, so merging changes the weights
+            for name, p in model.named_parameters():
+                if name.endswith("lora_B.weight"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
+        if variant == "merged":
+            model = merge_and_unload(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return model.eval().to(work.device), next(iter(evals.values())), pad
+
+
+def infer(work: Workload, side: Side, variant: str, calls: int = 60, warmup: int = 5) -> dict[str, Any]:
+    """Latency (median, p90) at batch 1 and 32, and throughput at 32, of one model variant."""
+    from lorafit.data import collate
+
+    model, data, pad = _inference_model(work, variant)
+    device = torch.device(work.device)
+    precision = side.precision if side.precision not in (None, "auto") else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    out: dict[str, Any] = {"variant": variant, "precision": precision}
+    for batch in (1, 32):
+        times = []
+        for n in range(calls + warmup):  # consecutive dev examples, wrapping around a small set
+            inputs = collate(data, np.arange(n * batch, (n + 1) * batch) % len(data), pad)
+            inputs.pop("labels")
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            t0 = time.perf_counter()
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                model(**inputs).logits.float().cpu()  # .cpu() waits for the GPU
+            if n >= warmup:
+                times.append(time.perf_counter() - t0)
+        out[f"latency_ms_b{batch}"] = statistics.median(times) * 1e3
+        out[f"latency_p90_ms_b{batch}"] = float(np.percentile(times, 90)) * 1e3
+        out[f"examples_per_second_b{batch}"] = batch * len(times) / sum(times)
+    return out
+
+
+def memory(work: Workload, side: Side, method: str, steps: int = 20) -> dict[str, Any]:
+    """Peak memory of a short training run (LoRA or full fine-tuning) at the workload's batch."""
+    from lorafit.train import train
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = lorafit_config(work, side, str(Path(out) / "run"), method=method, max_steps=steps,
+                             learning_rate=work.learning_rate if method == "lora" else 5e-5)
+        summary = train(cfg)
+    return {"method": method, "peak_memory_gib": summary["peak_memory_gib"], "steps": summary["steps"],
+            "trainable_parameters": summary["trainable_parameters"]["trainable"],
+            "examples_per_second": summary["examples_per_second"], "precision": summary["precision"]}
+
+
+def peak(work: Workload, side: Side, budget: float = 0.5) -> dict[str, Any]:
+    """The FLOP count per token of this model and the matmul peak at its own layer shapes."""
+    from lorafit.bench.flops import layer_shapes, linear_flops_per_token, matmul_peak
+    from lorafit.models import load_tokenizer
+    from lorafit.train import build_model, load_data
+
+    cfg = lorafit_config(work, side, tempfile.mkdtemp())
+    task = cfg.task_spec()
+    train_data, _ = load_data(cfg, task, load_tokenizer(cfg.model))
+    model = build_model(cfg, task)
+    full = build_model(cfg.replace(method="full"), task)
+    # Rows of the activation matrix in a typical batch: batch size x mean tokens per example.
+    tokens = int(work.batch_size * float(train_data.lengths.mean()))
+    dtypes = ("fp32", "bf16") if work.device == "cpu" else ("fp32", "bf16", "fp16")
+    peaks = matmul_peak(work.device, dtypes, tokens=tokens, shapes=layer_shapes(model),
+                        square=2048 if work.device == "cpu" else 8192, budget=budget)
+    return {"flops_per_token": {"lora": linear_flops_per_token(model, "lora"),
+                                "full": linear_flops_per_token(full, "full")},
+            "batch_tokens": tokens, "peaks": [p.as_dict() for p in peaks]}
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    work = Workload(**spec["work"])
+    side = Side(spec["side"]["impl"], spec["side"]["precision"], tuple(map(tuple, spec["side"]["options"])))
+    torch.set_num_threads(work.threads or physical_cores())
+    if spec["mode"] == "train":
+        if side.impl == "peft":
+            from lorafit.bench.baseline import peft_train
+
+            result = peft_train(work, side)
+        else:
+            result = lorafit_train(work, side)
+    elif spec["mode"] == "infer":
+        result = infer(work, side, spec["variant"])
+    elif spec["mode"] == "peak":
+        result = peak(work, side, spec.get("budget", 0.5))
+    else:
+        result = memory(work, side, spec["variant"])
+    return {**result, "environment": environment(work.device)}
+
+
+def main(argv: list[str]) -> int:
+    from lorafit.errors import LorafitError
+
+    spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    try:
+        result = run(spec)
+    except LorafitError as e:  # bad input: one line for the parent to show
+        result = {"error": str(e)}
+    Path(argv[1]).write_text(json.dumps(result, default=_jsonable), encoding="utf-8")
+    return 0
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,73 @@
+"""`lorafit bench` end to end on a CI-sized workload: both sides run, every field is there.
+
+No timing is asserted: these runs are far too short to mean anything, and the machine is shared.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorafit.cli import main
+
+TINY = ["--task", "rte", "--max-train-samples", "16", "--max-eval-samples", "8", "--batch-size", "8",
+        "--max-length", "32", "--repeats", "1", "--threads", "1", "--peak-seconds", "0.01"]
+TRAIN_FIELDS = {"examples_per_second", "tokens_per_second", "peak_memory_gib", "dev_metric", "metric", "train_seconds",
+                "examples", "tokens", "steps", "precision", "compile_seconds"}
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_train_bench_runs_both_sides_and_computes_the_ratio(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    assert main(["bench", "train", *TINY, "--sides", "lorafit@fp32,peft@fp32", "--output", str(out),
+                 "--plot", str(tmp_path / "plot.png")]) == 0
+    records = _records(out)
+    (peak,) = [r for r in records if r["kind"] == "peak"]
+    assert {p["dtype"] for p in peak["peaks"]} == {"fp32", "bf16"} and "model" in {p["shape"] for p in peak["peaks"]}
+    assert peak["flops_per_token"]["lora"] > 0
+    runs = [r for r in records if r["kind"] == "measurement"]
+    assert [r["side"] for r in runs] == ["lorafit@fp32", "peft@fp32"]
+    for r in runs:
+        assert TRAIN_FIELDS <= set(r), TRAIN_FIELDS - set(r)
+        assert r["examples"] == 16 and r["steps"] == 2 and r["examples_per_second"] > 0
+        assert r["settings"]["batch_size"] == 8 and r["settings"]["threads"] == 1
+        env = r["environment"]
+        assert env["threads"] == 1 and "amx_bf16" in env["cpu_flags"] and env["versions"]["peft"]
+    (ratio,) = [r for r in records if r["kind"] == "ratio"]
+    assert ratio["speedup"] == pytest.approx(runs[0]["examples_per_second"] / runs[1]["examples_per_second"])
+    assert ratio["dev_metric_difference"] == pytest.approx(runs[0]["dev_metric"] - runs[1]["dev_metric"])
+    mine = next(r for r in records if r["kind"] == "summary" and r["side"] == "lorafit@fp32")
+    assert mine["percent_of_peak"] > 0
+    printed = capsys.readouterr().out
+    assert "lorafit@fp32 = " in printed and "matmul peak" in printed and (tmp_path / "plot.png").stat().st_size > 0
+    # The table can be rebuilt from the file alone.
+    assert main(["bench", "--from", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == printed.splitlines()[3]
+
+
+def test_bad_bench_input_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["bench", "--sides", "lorafit,hf"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "lorafit: error: --sides: 'hf': implementation must be one of lorafit, peft"]
+    assert main(["bench", "--from", str(tmp_path / "none.jsonl")]) == 2
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    assert main(["bench", "--from", str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl:1: not a JSON line" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_infer_and_memory_modes(tmp_path):
+    out = tmp_path / "infer.jsonl"
+    assert main(["bench", "infer", *TINY, "--output", str(out)]) == 0
+    runs = [r for r in _records(out) if r["kind"] == "measurement"]
+    assert [r["variant"] for r in runs] == ["base", "unmerged", "merged"]
+    assert all(r["latency_ms_b1"] > 0 and r["latency_p90_ms_b32"] >= r["latency_ms_b32"] for r in runs)
+    assert {r["side"] for r in _records(out) if r["kind"] == "ratio"} == {"unmerged", "merged"}
+    out = tmp_path / "memory.jsonl"
+    assert main(["bench", "memory", *TINY, "--output", str(out)]) == 0
+    (ratio,) = [r for r in _records(out) if r["kind"] == "ratio"]
+    assert 0 < ratio["memory_ratio"] < 1.5

@@ -1,0 +1,92 @@
+"""The bench's pieces without subprocesses: side specs, the FLOP count, the peak, the summary."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from transformers import BertConfig, BertForSequenceClassification
+
+from lorafit.bench.env import environment, physical_cores
+from lorafit.bench.flops import layer_shapes, linear_flops_per_token, matmul_peak
+from lorafit.bench.spec import Side
+from lorafit.bench.summary import format_table, summarize
+from lorafit.errors import LorafitError
+from lorafit.lora import LoRAConfig, inject_lora
+
+
+def test_side_specs_parse_precision_and_switches():
+    assert Side.parse("peft@bf16") == Side("peft", "bf16")
+    side = Side.parse("lorafit@bf16+compile-frozen_bf16")
+    assert side == Side("lorafit", "bf16", (("compile", True), ("frozen_bf16", False)))
+    assert side.label == "lorafit@bf16+compile-frozen_bf16"
+    assert Side.parse("lorafit").precision is None
+
+
+@pytest.mark.parametrize("text, word", [("hf", "implementation"), ("peft@int8", "precision"),
+                                         ("peft+compile", "option"), ("lorafit+turbo", "option")])
+def test_bad_side_specs_name_what_is_wrong(text, word):
+    with pytest.raises(LorafitError, match=word):
+        Side.parse(text)
+
+
+def test_flop_count_matches_the_hand_count():
+    torch_model = BertForSequenceClassification(BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=99))
+    d, f, r, layers = 32, 48, 4, 2
+    frozen = layers * (4 * d * d + 2 * d * f)  # q, k, v, o and the two feed-forward matrices
+    assert linear_flops_per_token(torch_model, "full") == 6 * frozen
+    inject_lora(torch_model, LoRAConfig(r=r, alpha=8, target_modules=["query", "value"]).resolved("bert"))
+    lora = layers * 2 * r * (d + d)  # A and B of query and value
+    assert linear_flops_per_token(torch_model, "lora") == 4 * frozen + 6 * lora
+    assert layer_shapes(torch_model) == {(d, d): 4 * layers, (d, f): layers, (f, d): layers}
+
+
+def test_matmul_peak_reports_square_each_shape_and_the_mix():
+    peaks = matmul_peak("cpu", ("fp32",), square=64, tokens=16, shapes={(32, 32): 4, (32, 48): 1}, budget=0.01)
+    assert [p.shape for p in peaks] == ["64x64x64", "16x32x32", "16x32x48", "model"]
+    assert all(p.gflops > 0 for p in peaks)
+
+
+def test_environment_records_cpu_flags_threads_and_versions():
+    env = environment("cpu")
+    assert set(env["cpu_flags"]) >= {"amx_bf16", "avx512_bf16"}
+    assert env["threads"] >= 1 and 1 <= physical_cores() <= (env["logical_cpus"] or 1)
+    assert env["versions"]["torch"] and env["versions"]["lorafit"]
+
+
+def _measurement(side, impl, eps, metric, repeat, precision="fp32"):
+    env = {"cpu": "x", "cpu_flags": {"amx_bf16": False}, "threads": 2, "device": "cpu", "versions": {"torch": "2"}}
+    return {"kind": "measurement", "mode": "train", "side": side, "impl": impl, "variant": None, "repeat": repeat,
+            "settings": {"task": "mrpc", "model": "minilm", "device": "cpu"}, "environment": env,
+            "examples_per_second": eps, "tokens_per_second": eps * 50, "dev_metric": metric, "peak_memory_gib": 1.0,
+            "train_seconds": 10.0, "compile_seconds": 0.0, "precision": precision, "metric": "accuracy"}
+
+
+def test_summary_takes_medians_and_the_ratio_against_the_best_baseline():
+    records = [
+        _measurement("lorafit", "lorafit", 100.0, 0.80, 0), _measurement("peft@fp32", "peft", 30.0, 0.79, 0),
+        _measurement("peft@bf16", "peft", 40.0, 0.78, 0, "bf16"), _measurement("lorafit", "lorafit", 120.0, 0.80, 1),
+        _measurement("peft@fp32", "peft", 34.0, 0.79, 1), _measurement("peft@bf16", "peft", 44.0, 0.78, 1, "bf16"),
+        {"kind": "peak", "settings": {"task": "mrpc", "model": "minilm", "device": "cpu"},
+         "flops_per_token": {"lora": 1_000_000, "full": 0}, "peaks": [{"dtype": "fp32", "shape": "model", "gflops": 10.0}]},
+    ]
+    out = summarize(records)
+    lorafit = next(r for r in out if r["kind"] == "summary" and r["side"] == "lorafit")
+    assert lorafit["examples_per_second"]["median"] == 110.0 and lorafit["examples_per_second"]["n"] == 2
+    assert lorafit["examples_per_second"]["spread"] == pytest.approx(20 / 110)
+    # 5,500 tokens/s x 1 MFLOP per token = 5.5 GFLOP/s of a 10 GFLOP/s peak.
+    assert lorafit["achieved_gflops"] == pytest.approx(5.5) and lorafit["percent_of_peak"] == pytest.approx(55)
+    (ratio,) = [r for r in out if r["kind"] == "ratio"]
+    assert ratio["against"] == "peft@bf16" and ratio["speedup"] == pytest.approx(110 / 42)
+    assert ratio["dev_metric_difference"] == pytest.approx(0.02)
+    table = format_table(records)
+    assert table.splitlines()[0].startswith("mrpc minilm cpu: lorafit = 2.62x peft@bf16")
+
+
+def test_peft_missing_is_one_clear_error(monkeypatch):
+    from lorafit.bench.baseline import require_peft
+
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(LorafitError, match=r"pip install 'lorafit\[bench\]'"):
+        require_peft()
