@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-
 from lorafit.errors import LorafitError
 from lorafit.io import read_yaml_mapping
+from lorafit.validation import FieldError, check_fields, coerce_numbers, flag_name
 
 Method = Literal["lora", "full"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -80,47 +80,40 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        def flag(name: str) -> str:
-            return "--" + name.replace("_", "-")
+        flag = flag_name
+        # Types first (finite floats included), so the range checks below compare numbers.
+        check_fields(TrainConfig, {f.name: getattr(self, f.name) for f in fields(self)})
 
-        def positive(name: str, allow_zero: bool = False, optional: bool = False) -> None:
+        def positive(name: str, allow_zero: bool = False) -> None:
             value = getattr(self, name)
-            if value is None and optional:
-                return
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise LorafitError(f"{flag(name)} must be a number, got {value!r}")
-            if value < 0 or (value == 0 and not allow_zero):
-                raise LorafitError(f"{flag(name)} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+            if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+                raise FieldError(name, f"{flag(name)} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
-        for name in ("rank", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_steps"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise LorafitError(f"{flag(name)} must be an integer, got {getattr(self, name)!r}")
-            positive(name)
-        for name in ("max_steps", "eval_steps", "save_steps", "max_train_samples", "max_eval_samples", "num_threads"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise LorafitError(f"{flag(name)} must be an integer, got {value!r}")
-            positive(name, optional=True)
-        for name in ("alpha", "learning_rate", "epochs"):
+        for name in ("rank", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_steps", "max_steps",
+                     "eval_steps", "save_steps", "max_train_samples", "max_eval_samples", "num_threads", "alpha",
+                     "learning_rate", "epochs"):
             positive(name)
         for name in ("weight_decay", "max_grad_norm"):
             positive(name, allow_zero=True)
         for name in ("lora_dropout", "warmup_ratio", "classifier_dropout"):
             value = getattr(self, name)
-            if value is None and name == "classifier_dropout":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise LorafitError(f"{flag(name)} must be in [0, 1), got {value!r}")
+            if value is not None and not 0 <= value < 1:
+                raise FieldError(name, f"{flag(name)} must be in [0, 1), got {value!r}")
+        for name in ("seed", "seeds"):  # numpy and torch take seeds in [0, 2**32)
+            values = getattr(self, name)
+            for value in values if isinstance(values, list) else [values]:
+                if value is not None and not 0 <= value < 2**32:
+                    raise FieldError(name, f"{flag(name)} must be in [0, 2**32), got {value!r}")
         for name, allowed in (("method", ("lora", "full")), ("precision", ("fp32", "bf16", "fp16")),
                               ("task_type", ("classification", "regression"))):
             if getattr(self, name) not in allowed:
-                raise LorafitError(f"{flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+                raise FieldError(name, f"{flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.method == "full" and self.init_adapter:
             raise LorafitError("--init-adapter applies to --method lora, not full fine-tuning")
         for name in ("target_modules", "modules_to_save"):
             value = getattr(self, name)
-            if value is not None and (not value or not all(isinstance(v, str) and v for v in value)):
-                raise LorafitError(f"{flag(name)} must be a non-empty list of module names, got {value!r}")
+            if value is not None and (not value or not all(v for v in value)):
+                raise FieldError(name, f"{flag(name)} must be a non-empty list of module names, got {value!r}")
         if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
             raise LorafitError(f"--text-columns takes one or two column names, got {self.text_columns!r}")
         if (self.train_file is None) != (self.validation_file is None):
@@ -149,7 +142,7 @@ RUNTIME_KEYS = {"output_dir", "overwrite", "resume", "progress", "num_threads"}
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe: a mapping of TrainConfig field names to values."""
+    """Read a YAML recipe: a mapping of TrainConfig field names to values, each of its field's type."""
     from lorafit.recipes import find_recipe
 
     path = find_recipe(path)
@@ -160,14 +153,23 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     for key in ("target_modules", "modules_to_save", "text_columns"):
         if isinstance(data.get(key), str):
             data[key] = [s.strip() for s in data[key].split(",") if s.strip()]
+    data = coerce_numbers(TrainConfig, data)
+    check_fields(TrainConfig, data, name=lambda field: f"{path}: field '{field}'")
     return data
 
 
 def make_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """A validated config from a recipe (optional) with overrides on top."""
-    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
-    values.update(overrides)
-    for key in ("alpha", "learning_rate", "epochs", "weight_decay", "warmup_ratio", "lora_dropout", "max_grad_norm"):
-        if isinstance(values.get(key), int) and not isinstance(values.get(key), bool):
-            values[key] = float(values[key])
-    return TrainConfig(**values)
+    """A validated config from a recipe (optional) with overrides on top.
+
+    A value that breaks a rule is reported with the recipe's path when it came from the recipe.
+    """
+    from lorafit.recipes import find_recipe
+
+    from_recipe: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    values = coerce_numbers(TrainConfig, {**from_recipe, **overrides})
+    try:
+        return TrainConfig(**values)
+    except FieldError as e:
+        if e.field in from_recipe and e.field not in overrides:
+            raise FieldError(e.field, f"{find_recipe(recipe)}: field '{e.field}': {e}") from None
+        raise

@@ -9,24 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import dataclasses
-import shutil
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from lorafit.config import TrainConfig
 from lorafit.data import TaskSpec, encode_split, get_task, load_custom, load_split
 from lorafit.errors import LorafitError
-from lorafit.io import atomic_write_json, read_json
+from lorafit.io import atomic_dir, atomic_write_json, read_json, read_text, read_yaml_mapping
 from lorafit.lora import load_adapter, merge_and_unload, read_adapter_config, read_adapter_metadata
 from lorafit.models import load_model, load_tokenizer
+from lorafit.paths import check_output
 from lorafit.train import predict_logits, resolve_task
 
 TASK_FILE = "lorafit_task.json"  # written beside an exported merged model
@@ -101,13 +100,17 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
 
 
 def _run_config(path: Path) -> TrainConfig:
+    """A run's ``config.yaml``, every field checked (a bad one is named with the file)."""
     from lorafit.config import FIELD_NAMES
 
-    saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(saved, dict) or set(saved) - FIELD_NAMES:
-        unknown = sorted(set(saved) - FIELD_NAMES) if isinstance(saved, dict) else []
-        raise LorafitError(f"{path}: not a lorafit run config{' (unknown keys: ' + ', '.join(unknown) + ')' if unknown else ''}")
-    return TrainConfig(**saved)
+    saved = read_yaml_mapping(path, "run config")
+    unknown = sorted(set(saved) - FIELD_NAMES)
+    if unknown:
+        raise LorafitError(f"{path}: not a lorafit run config (unknown keys: {', '.join(unknown)})")
+    try:
+        return TrainConfig(**saved)
+    except LorafitError as e:
+        raise LorafitError(f"{path}: {e}") from None
 
 
 def _load_plain(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any, dict[str, Any]]:
@@ -155,9 +158,9 @@ def read_inputs(path: str | Path) -> list[tuple[str, str | None]]:
     if not path.is_file():
         raise LorafitError(f"--input {path}: file not found")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise LorafitError(f"--input {path}: not UTF-8 text ({e})") from None
+        text = read_text(path, "input file").removeprefix("\ufeff")
+    except LorafitError as e:
+        raise LorafitError(f"--input {e}") from None
     pairs: list[tuple[str, str | None]] = []
     if path.suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
@@ -223,22 +226,30 @@ def predict_texts(trained: Trained, pairs: list[tuple[str, str | None]], batch_s
 def export_merged(path: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Merge the LoRA layers into the base weights and save a plain Transformers model."""
     output = Path(output)
+    check_output("--output", output, [("PATH", path), *_model_sources(Path(path))])
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise LorafitError(f"--output {output}: exists and is not empty; pass --overwrite to replace it")
     trained = load_trained(path)
-    model = trained.model
-    tmp = output.with_name(output.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    trained.tokenizer.save_pretrained(tmp)
     task = trained.task
-    atomic_write_json(tmp / TASK_FILE, {
-        "task": task.name if task else None,
-        "task_spec": dataclasses.asdict(task) if task else None,
-        "max_length": trained.max_length,
-    })
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
+    # Built beside the output and swapped in whole: a failed write keeps the old output.
+    with atomic_dir(output) as tmp:
+        trained.model.save_pretrained(tmp)
+        trained.tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / TASK_FILE, {
+            "task": task.name if task else None,
+            "task_spec": dataclasses.asdict(task) if task else None,
+            "max_length": trained.max_length,
+        })
     return output
+
+
+def _model_sources(path: Path) -> list[tuple[str, str]]:
+    """Local base-model folders a merge reads besides ``path`` (named in the run or the adapter)."""
+    names = []
+    if (path / "config.yaml").is_file():
+        with contextlib.suppress(LorafitError):
+            names.append(str(read_yaml_mapping(path / "config.yaml", "run config").get("model", "")))
+    if (path / "adapter_config.json").is_file():
+        with contextlib.suppress(LorafitError, AttributeError):
+            names.append(str(read_json(path / "adapter_config.json").get("base_model_name_or_path") or ""))
+    return [("model", n) for n in names if n and Path(n).expanduser().is_dir()]

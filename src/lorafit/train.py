@@ -25,14 +25,26 @@ from torch import nn
 
 from lorafit import __version__
 from lorafit.config import TrainConfig
-from lorafit.data import Encoded, TaskSpec, batch_order, collate, custom_task, encode_split, eval_batches
-from lorafit.data import TASKS, get_task, load_custom, load_split
+from lorafit.data import (
+    TASKS,
+    Encoded,
+    TaskSpec,
+    batch_order,
+    collate,
+    custom_task,
+    encode_split,
+    eval_batches,
+    get_task,
+    load_custom,
+    load_split,
+)
 from lorafit.errors import LorafitError
-from lorafit.io import atomic_write_json, read_json
+from lorafit.io import atomic_dir, atomic_write_json, read_json
 from lorafit.lora import LoRAConfig, count_parameters, inject_lora, save_adapter
 from lorafit.lora.adapter import load_lora_weights
 from lorafit.metrics import compute_metrics
 from lorafit.models import display_name, load_model, load_tokenizer
+from lorafit.paths import check_output
 from lorafit.run import RunDir
 
 # Parameters whose names contain these are not weight-decayed (as in BERT and the HF scripts).
@@ -89,6 +101,28 @@ def build_model(cfg: TrainConfig, task: TaskSpec) -> nn.Module:
     if cfg.init_adapter:
         load_lora_weights(model, cfg.init_adapter)
     return model
+
+
+def check_max_length(model: nn.Module, max_length: int) -> None:
+    """Refuse a ``--max-length`` longer than the model's absolute position embeddings."""
+    config = model.config
+    if getattr(config, "position_biased_input", True) is False:  # DeBERTa: relative positions only
+        return
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions:
+        return
+    # RoBERTa numbers positions from padding_idx + 1, so two of its 514 embeddings are unusable.
+    usable = positions - (config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta") else 0)
+    if max_length > usable:
+        raise LorafitError(f"--max-length {max_length}: longer than the model's {usable} position embeddings "
+                           f"(use --max-length {usable} or less)")
+
+
+def output_inputs(cfg: TrainConfig) -> list[tuple[str, str | None]]:
+    """The files and folders a run reads, which its output directory must stay clear of."""
+    model = cfg.model if Path(cfg.model).expanduser().exists() else None
+    return [("--train-file", cfg.train_file), ("--validation-file", cfg.validation_file),
+            ("--data-dir", cfg.data_dir), ("--init-adapter", cfg.init_adapter), ("--model", model)]
 
 
 def _set_classifier_dropout(model: nn.Module, p: float) -> None:
@@ -185,6 +219,7 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise LorafitError("--precision fp16 needs a GPU; on the CPU use bf16 or fp32")
     run = RunDir(Path(cfg.output_dir or Path("runs") / cfg.run_name()))
+    check_output("--output-dir", run.path, output_inputs(cfg))
     run.check(cfg)
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision))
     set_seed(cfg.seed)
@@ -194,8 +229,10 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_data, evals = load_data(cfg, task, tokenizer)
     model = build_model(cfg, task)
+    check_max_length(model, cfg.max_length)
     counts = count_parameters(model)
     optimizer = make_optimizer(model, cfg)
+    # Everything that can be checked has been: only now may --overwrite clear the old run.
     run.start(cfg)
 
     micro_per_epoch = len(_shard(batch_order(len(train_data), cfg.batch_size, cfg.seed, 0), accelerator))
@@ -207,6 +244,7 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     progress, rng = Progress(), None
     if cfg.resume:
         progress, rng = _restore(run, model, optimizer, scheduler)
+        run.trim_metrics(progress.step)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if rng is not None:  # last, so that nothing in between draws from the restored streams
         torch.set_rng_state(rng["torch_rng"])
@@ -217,6 +255,7 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     bar = _progress_bar(cfg, total_steps, progress.step, accelerator)
     model.train()
     running_loss = torch.zeros((), device=accelerator.device)  # summed on device: no per-step host sync
+    guard = DivergenceGuard(trainable, accelerator.device)
     started = time.perf_counter() - progress.train_seconds
     while progress.step < total_steps:
         order = batch_order(len(train_data), cfg.batch_size, cfg.seed, progress.epoch,
@@ -224,7 +263,9 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
         order = _shard(order, accelerator)
         for start in range(progress.batch_in_epoch, len(order), cfg.grad_accum):
             group = order[start : start + cfg.grad_accum]
-            running_loss += _accumulate(model, accelerator, train_data, group, pad_id)
+            loss = _accumulate(model, accelerator, train_data, group, pad_id)
+            guard.watch(loss)
+            running_loss += loss
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
@@ -235,12 +276,16 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
                 _log(bar, running_loss, progress, scheduler, started, cfg.log_steps)
             bar.update(1)
             at_eval = progress.step % eval_every == 0 or progress.step == total_steps
+            at_save = at_eval or (cfg.save_steps and progress.step % cfg.save_steps == 0)
+            if at_save or progress.step % cfg.log_steps == 0:
+                # Before NaN weights are evaluated or saved; the weights themselves only then.
+                guard.check(cfg, run, progress, accelerator, weights=bool(at_save))
             if at_eval:
                 progress.train_seconds = time.perf_counter() - started
                 epoch = round(progress.step / steps_per_epoch, 4)
                 _evaluate_and_keep_best(cfg, run, accelerator, model, evals, task, pad_id, progress, epoch, tokenizer)
                 started = time.perf_counter() - progress.train_seconds  # eval time is not train time
-            if at_eval or (cfg.save_steps and progress.step % cfg.save_steps == 0):
+            if at_save:
                 progress.train_seconds = time.perf_counter() - started
                 _save_checkpoint(run, accelerator, model, optimizer, scheduler, progress)
             if _interrupt_after_step is not None and progress.step >= _interrupt_after_step:
@@ -306,15 +351,18 @@ def _evaluate_and_keep_best(cfg, run, accelerator, model, evals, task, pad_id, p
         progress.best_metrics = metrics
     if not accelerator.is_main_process:
         return
-    run.append_metrics({"step": progress.step, "epoch": epoch, **metrics,
-                        "train_seconds": round(progress.train_seconds, 2), "best": improved})
+    # The best model first, then the line that calls it best: a failed write leaves no such line.
     if improved:
         model = accelerator.unwrap_model(model)
-        if cfg.method == "lora":
-            save_adapter(model, run.adapter, _adapter_metadata(cfg, task))
-        else:
-            model.save_pretrained(run.model)
-            tokenizer.save_pretrained(run.model)
+        target = run.adapter if cfg.method == "lora" else run.model
+        with atomic_dir(target) as tmp:
+            if cfg.method == "lora":
+                save_adapter(model, tmp, _adapter_metadata(cfg, task))
+            else:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+    run.append_metrics({"step": progress.step, "epoch": epoch, **metrics,
+                        "train_seconds": round(progress.train_seconds, 2), "best": improved})
 
 
 def _adapter_metadata(cfg: TrainConfig, task: TaskSpec) -> dict[str, Any]:
@@ -351,12 +399,52 @@ def _restore(run: RunDir, model: nn.Module, optimizer, scheduler) -> tuple[Progr
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(trainable) != expected:
         raise LorafitError(f"{run.checkpoint}: checkpoint does not match this model's trainable parameters")
+    for name, value in trainable.items():
+        if value.shape != params[name].shape:
+            raise LorafitError(f"{run.checkpoint}: '{name}' has shape {tuple(value.shape)}, the model expects "
+                               f"{tuple(params[name].shape)}")
+    try:
+        progress = Progress(**state)
+        optimizer.load_state_dict(training_state["optimizer"])
+        scheduler.load_state_dict(training_state["scheduler"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise LorafitError(f"{run.checkpoint}: checkpoint state does not fit this run ({e})") from None
     with torch.no_grad():
         for name, value in trainable.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(training_state["optimizer"])
-    scheduler.load_state_dict(training_state["scheduler"])
-    return Progress(**state), training_state
+    return progress, training_state
+
+
+class DivergenceGuard:
+    """Stops a run whose loss or weights stop being finite, keeping what was saved before.
+
+    The loss flag is collected on the device (no host sync per step) and read at the moments
+    that would otherwise evaluate or save NaN weights.
+    """
+
+    def __init__(self, params: list[nn.Parameter], device: torch.device) -> None:
+        self.params = params
+        self.bad_loss = torch.zeros((), dtype=torch.bool, device=device)
+
+    def watch(self, loss: torch.Tensor) -> None:
+        self.bad_loss |= ~torch.isfinite(loss)
+
+    def check(self, cfg: TrainConfig, run: RunDir, progress: Progress, accelerator: Any, weights: bool) -> None:
+        what = "loss" if self.bad_loss.item() else None
+        if what is None and weights and self.params:
+            if not torch.stack([torch.isfinite(p).all() for p in self.params]).all().item():  # one host sync
+                what = "weights"
+        if what is None:
+            return
+        message = (f"training diverged: the {what} became NaN or infinite by step {progress.step} "
+                   f"(--learning-rate {cfg.learning_rate:g} is probably too high); the last good checkpoint and "
+                   f"the best {'adapter' if cfg.method == 'lora' else 'model'} in {run.path} are kept")
+        if accelerator.is_main_process:
+            run.write_summary({"status": "diverged", "step": progress.step, "reason": message,
+                               "best_metric": progress.best_metric,
+                               "best_epoch": progress.best_epoch, "best_step": progress.best_step,
+                               "best_metrics": progress.best_metrics, "lorafit_version": __version__})
+        raise LorafitError(message)
 
 
 def peak_memory_gib(device: torch.device) -> float:
