@@ -20,8 +20,9 @@ from lorafit.cli import main
 from lorafit.config import make_config
 from lorafit.train import train
 
-SMALL = dict(task="rte", max_train_samples=32, max_eval_samples=16, batch_size=8, eval_batch_size=16,
-             max_length=32, progress=False, num_threads=1, max_steps=4, eval_steps=2, learning_rate=1e-3)
+SMALL = {"task": "rte", "max_train_samples": 32, "max_eval_samples": 16, "batch_size": 8, "eval_batch_size": 16,
+         "max_length": 32, "progress": False, "num_threads": 1, "max_steps": 4, "eval_steps": 2,
+         "learning_rate": 1e-3}
 FLAGS = ["--task", "rte", "--max-train-samples", "32", "--max-eval-samples", "16", "--batch-size", "8",
          "--eval-batch-size", "16", "--max-length", "32", "--no-progress", "--num-threads", "1",
          "--max-steps", "4", "--eval-steps", "2", "--learning-rate", "1e-3"]
