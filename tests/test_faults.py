@@ -154,7 +154,7 @@ CASES = [
     ("ck-truncated", [*T, "--output-dir", "{ws}/ck-truncated", "--resume"], "trainable.safetensors: not a readable"),
     ("ck-shapes", [*T, "--output-dir", "{ws}/ck-shapes", "--resume"], "has shape (3, 3)"),
     ("ck-pickle", [*T, "--output-dir", "{ws}/ck-pickle", "--resume"], "training_state.pt: not a readable checkpoint"),
-    ("ck-no-config", [*T, "--output-dir", "{ws}/ck-noconfig", "--resume"], "config.yaml: run config not found"),
+    ("ck-no-config", [*T, "--output-dir", "{ws}/ck-noconfig", "--resume"], "ck-noconfig: not a lorafit run directory (no config.yaml)"),
     ("ck-state-json", [*T, "--output-dir", "{ws}/ck-state", "--resume"], "state.json: not valid JSON"),
     ("ck-none", [*T, "--output-dir", "{ws}/data", "--resume"], "has no checkpoint to resume from"),
     ("ck-settings", [*T, "--rank", "4", "--output-dir", "{ws}/resumable", "--resume"], "settings differ"),

@@ -48,12 +48,12 @@ def cli_limited(args: list[str], max_file_bytes: int, env: dict[str, str]) -> su
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, interrupt_after):
     """A finished run (4 steps, evaluations at 2 and 4) and the same run stopped after step 2."""
     root = tmp_path_factory.mktemp("lost")
     train(make_config(**SMALL, output_dir=str(root / "full")))
-    with pytest.raises(KeyboardInterrupt):
-        train(make_config(**SMALL, output_dir=str(root / "stopped")), _interrupt_after_step=2)
+    with interrupt_after(2), pytest.raises(KeyboardInterrupt):
+        train(make_config(**SMALL, output_dir=str(root / "stopped")))
     return root
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, Literal, get_args, get_origin
 
 from lorafit.errors import LorafitError
+from lorafit.flags import flag_name
 
 
 class FieldError(LorafitError):
@@ -24,10 +25,6 @@ class FieldError(LorafitError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
-
-
-def flag_name(field: str) -> str:
-    return "--" + field.replace("_", "-")
 
 
 def _describe(tp: Any) -> str:
