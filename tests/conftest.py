@@ -52,7 +52,7 @@ def tiny_cell() -> dict[str, Any]:
     return dict(TINY_CELL)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # a factory: module-scoped fixtures may use it too
 def interrupt_after() -> Callable[[int], contextlib.AbstractContextManager[None]]:
     """``with interrupt_after(n):`` training raises KeyboardInterrupt as it counts step n + 1, that is
     after step n and its checkpoint (if it has one), before anything of step n + 1 is saved."""

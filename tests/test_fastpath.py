@@ -115,7 +115,7 @@ def test_speed_flags_are_validated():
         make_config(length_buckets=[0, 32])
     with pytest.raises(LorafitError, match="--compile-mode must be one of"):
         make_config(compile_mode="fast")
-    with pytest.raises(LorafitError, match="--precision must be one of auto"):
+    with pytest.raises(LorafitError, match="--precision must be one of 'auto'"):
         make_config(precision="int8")
 
 

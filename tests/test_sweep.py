@@ -218,7 +218,7 @@ BAD_GRIDS = [
     ({"output_dir": "o", "grid": {"task": ["mrpc", "mrcp"]}}, "cell task=mrcp: task: unknown task 'mrcp'"),
     ({"output_dir": "o", "grid": {"precision": ["fp16"]}}, "precision fp16 needs a GPU"),
     ({"output_dir": "o", "grid": {"task": ["mrpc", 3]}}, "cell task=3: task must be text, got 3"),
-    ({"output_dir": "o", "grid": {"learning_rate": ["fast"]}}, "--learning-rate must be a number, got 'fast'"),
+    ({"output_dir": "o", "grid": {"learning_rate": ["fast"]}}, "--learning-rate must be a finite number, got 'fast'"),
     ({"output_dir": "o", "grid": {"method": ["lora", "full"]}, "overrides": {"method": {"ful": {"epochs": 1}}}},
      "overrides.method.ful matches no cell"),
     ({"output_dir": "o", "grid": {"method": ["lora", "full"]}, "overrides": {"mehtod": {"full": {"epochs": 1}}}},

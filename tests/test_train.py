@@ -245,7 +245,8 @@ def test_a_crash_between_the_checkpoint_renames_resumes_from_checkpoint_old(tmp_
     run = RunDir(tmp_path / "run")
     run.path.mkdir()
     first = {"w": torch.ones(2)}
-    run.save_checkpoint(first, {"optimizer": {}}, {"step": 1})
+    training_state = {"optimizer": {}, "scheduler": {}, "torch_rng": torch.get_rng_state()}  # what load checks
+    run.save_checkpoint(first, training_state, {"step": 1})
     # The state of a crash after `checkpoint` was renamed to `checkpoint.old` and before
     # `checkpoint.new` took its place: only the old one is complete.
     run.checkpoint.rename(run.path / "checkpoint.old")
@@ -253,7 +254,7 @@ def test_a_crash_between_the_checkpoint_renames_resumes_from_checkpoint_old(tmp_
     trainable, _training_state, state = run.load_checkpoint()
     assert torch.equal(trainable["w"], first["w"]) and state == {"step": 1}
     # The next save puts a complete checkpoint in place and removes the old one.
-    run.save_checkpoint({"w": torch.zeros(2)}, {"optimizer": {}}, {"step": 2})
+    run.save_checkpoint({"w": torch.zeros(2)}, training_state, {"step": 2})
     assert run.checkpoint_step() == 2 and not (run.path / "checkpoint.old").exists()
 
 
@@ -271,12 +272,12 @@ VALID = {"task": "rte"}
     ({"batch_size": 0}, "--batch-size must be > 0, got 0"),
     ({"batch_size": True}, "--batch-size must be an integer, got True"),
     ({"max_steps": -1}, "--max-steps must be > 0, got -1"),
-    ({"learning_rate": "fast"}, "--learning-rate must be a number, got 'fast'"),
+    ({"learning_rate": "fast"}, "--learning-rate must be a finite number, got 'fast'"),
     ({"weight_decay": -0.1}, "--weight-decay must be >= 0, got -0.1"),
     ({"warmup_ratio": 1.5}, "--warmup-ratio must be in [0, 1), got 1.5"),
     ({"classifier_dropout": -0.5}, "--classifier-dropout must be in [0, 1), got -0.5"),
-    ({"method": "adapter"}, "--method must be one of lora, full; got 'adapter'"),
-    ({"precision": "fp8"}, "--precision must be one of auto, fp32, bf16, fp16; got 'fp8'"),
+    ({"method": "adapter"}, "--method must be one of 'lora', 'full', got 'adapter'"),
+    ({"precision": "fp8"}, "--precision must be one of 'auto', 'fp32', 'bf16', 'fp16', got 'fp8'"),
     ({"method": "full", "init_adapter": "a"}, "--init-adapter applies to --method lora"),
     ({"text_columns": ["a", "b", "c"]}, "--text-columns takes one or two column names"),
     ({"train_file": "t.csv"}, "custom data needs both --train-file and --validation-file"),

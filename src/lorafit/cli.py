@@ -24,6 +24,22 @@ from lorafit.flags import add_dataclass_arguments
 if TYPE_CHECKING:
     from lorafit.config import TrainConfig
 
+def count(minimum: int = 1):
+    """An argparse type: an integer of at least ``minimum`` (batch sizes, sample counts)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
 # -- commands ---------------------------------------------------------------------------------
 
 
@@ -188,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run directory, adapter directory or merged model directory")
     p.add_argument("--task", help="task to evaluate on (default: the one it was trained on)")
     p.add_argument("--data-dir", help="GLUE-layout folder for tasks that are not vendored")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-eval-samples", type=int)
+    p.add_argument("--batch-size", type=count(), default=64)
+    p.add_argument("--max-eval-samples", type=count())
     p.add_argument("--unmerged", action="store_true", help="evaluate with the LoRA branch unmerged")
     p.set_defaults(func=cmd_eval)
 
@@ -198,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", action="append", help="a sentence (repeatable)")
     p.add_argument("--text-pair", action="append", help="second sentence for pair tasks (repeatable, in order)")
     p.add_argument("--input", help="a .txt (one example per line; tab separates a pair), .tsv, .csv or .jsonl file")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=count(), default=64)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("merge", help="export a merged plain Transformers model")
@@ -226,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = data_sub.add_parser("stats", help="sizes, label balance and token lengths of a task")
     s.add_argument("task")
     s.add_argument("--model", default="minilm", help="tokenizer to count tokens with (default: minilm)")
-    s.add_argument("--max-length", type=int, default=512)
+    s.add_argument("--max-length", type=count(), default=512)
     s.add_argument("--data-dir")
     s.set_defaults(func=cmd_data_stats)
 
@@ -248,11 +264,21 @@ def main(argv: list[str] | None = None) -> int:
     except LorafitError as e:
         if debug:
             raise
-        print(f"lorafit: error: {e}", file=sys.stderr)
+        print(f"lorafit: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file or folder the system refused: bad input too, named by its path
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lorafit: error: {where}{_one_line(e.strerror or str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lorafit: interrupted (the last checkpoint is kept; continue with --resume)", file=sys.stderr)
         return 130
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

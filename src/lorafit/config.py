@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from lorafit.errors import LorafitError
 from lorafit.flags import flag_name, split_commas
 from lorafit.io import read_yaml_mapping
+from lorafit.validation import FieldError, check_fields, coerce_numbers
 
 if TYPE_CHECKING:
     from lorafit.data import TaskSpec
@@ -115,41 +116,38 @@ class TrainConfig:
 
     def validate(self) -> None:
         flag = flag_name
+        for name in ("target_modules", "modules_to_save"):  # a list here; LoRAConfig also takes a regex
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), list):
+                raise FieldError(name, f"{flag(name)} must be a non-empty list of module names, got {getattr(self, name)!r}")
+        # Types first (finite floats included), so the range checks below compare numbers.
+        check_fields(TrainConfig, {f.name: getattr(self, f.name) for f in fields(self)})
 
-        def positive(name: str, allow_zero: bool = False, optional: bool = False) -> None:
+        def positive(name: str, allow_zero: bool = False) -> None:
             value = getattr(self, name)
-            if value is None and optional:
-                return
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise LorafitError(f"{flag(name)} must be a number, got {value!r}")
-            if value < 0 or (value == 0 and not allow_zero):
-                raise LorafitError(f"{flag(name)} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+            if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+                raise FieldError(name, f"{flag(name)} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
-        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "log_steps"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise LorafitError(f"{flag(name)} must be an integer, got {getattr(self, name)!r}")
-            positive(name)
-        for name in ("max_steps", "eval_steps", "save_steps", "max_train_samples", "max_eval_samples", "num_threads"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise LorafitError(f"{flag(name)} must be an integer, got {value!r}")
-            positive(name, optional=True)
-        for name in ("learning_rate", "epochs"):
+        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "log_steps", "max_steps",
+                     "eval_steps", "save_steps", "max_train_samples", "max_eval_samples", "num_threads",
+                     "learning_rate", "epochs"):
             positive(name)
         for name in ("weight_decay", "max_grad_norm"):
             positive(name, allow_zero=True)
         for name in ("warmup_ratio", "classifier_dropout"):
             value = getattr(self, name)
-            if value is None and name == "classifier_dropout":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise LorafitError(f"{flag(name)} must be in [0, 1), got {value!r}")
+            if value is not None and not 0 <= value < 1:
+                raise FieldError(name, f"{flag(name)} must be in [0, 1), got {value!r}")
+        for name in ("seed", "seeds"):  # numpy and torch take seeds in [0, 2**32)
+            values = getattr(self, name)
+            for value in values if isinstance(values, list) else [values]:
+                if value is not None and not 0 <= value < 2**32:
+                    raise FieldError(name, f"{flag(name)} must be in [0, 2**32), got {value!r}")
         for name, allowed in (("method", ("lora", "full")), ("precision", ("auto", "fp32", "bf16", "fp16")),
                               ("task_type", ("classification", "regression")),
                               ("compile_mode", ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")),
                               ("device", ("auto", "cpu", "cuda"))):
             if getattr(self, name) not in allowed:
-                raise LorafitError(f"{flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+                raise FieldError(name, f"{flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.method == "full" and self.init_adapter:
             raise LorafitError("--init-adapter applies to --method lora, not full fine-tuning")
         for name in ("target_modules", "modules_to_save"):  # a list here; LoRAConfig also takes a regex
@@ -168,7 +166,8 @@ class TrainConfig:
         try:  # the LoRA fields are checked by LoRAConfig, the one owner of those rules
             self.lora_config()
         except LoRAConfigError as e:
-            raise LorafitError(f"{flag(LORA_FIELDS[e.field])} {e.rule}, got {e.value!r}") from None
+            name = LORA_FIELDS[e.field]
+            raise FieldError(name, f"{flag(name)} {e.rule}, got {e.value!r}") from None
         if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
             raise LorafitError(f"--text-columns takes one or two column names, got {self.text_columns!r}")
         if (self.train_file is None) != (self.validation_file is None):
@@ -239,7 +238,7 @@ ONE_OFF_KEYS = fields_tagged(ONE_OFF)
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe: a mapping of TrainConfig field names to values."""
+    """Read a YAML recipe: a mapping of TrainConfig field names to values, each of its field's type."""
     from lorafit.recipes import find_recipe
 
     path = find_recipe(path)
@@ -250,14 +249,23 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     for key in ("target_modules", "modules_to_save", "text_columns"):
         if isinstance(data.get(key), str):
             data[key] = split_commas(data[key])
+    data = coerce_numbers(TrainConfig, data)
+    check_fields(TrainConfig, data, name=lambda field: f"{path}: field '{field}'")
     return data
 
 
 def make_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """A validated config from a recipe (optional) with overrides on top."""
-    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
-    values.update(overrides)
-    for key in ("alpha", "learning_rate", "epochs", "weight_decay", "warmup_ratio", "lora_dropout", "max_grad_norm"):
-        if isinstance(values.get(key), int) and not isinstance(values.get(key), bool):
-            values[key] = float(values[key])
-    return TrainConfig(**values)
+    """A validated config from a recipe (optional) with overrides on top.
+
+    A value that breaks a rule is reported with the recipe's path when it came from the recipe.
+    """
+    from lorafit.recipes import find_recipe
+
+    from_recipe: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    values = coerce_numbers(TrainConfig, {**from_recipe, **overrides})
+    try:
+        return TrainConfig(**values)
+    except FieldError as e:
+        if e.field in from_recipe and e.field not in overrides:
+            raise FieldError(e.field, f"{find_recipe(recipe)}: field '{e.field}': {e}") from None
+        raise

@@ -7,9 +7,9 @@ LoRA layers are merged before inference, so it runs at the base model's speed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,11 @@ from lorafit.config import TrainConfig
 from lorafit.data import TaskSpec, encode_split, get_task, load_custom, load_split, read_table
 from lorafit.errors import LorafitError
 from lorafit.evaluation import predict_logits
-from lorafit.io import atomic_write_json, read_json
+from lorafit.io import atomic_dir, atomic_write_json, read_json, read_text, read_yaml_mapping
 from lorafit.lora import load_adapter, merge_and_unload, read_adapter_config, read_adapter_metadata
 from lorafit.lora.adapter import read_adapter_weights
 from lorafit.models import load_model, load_tokenizer
+from lorafit.paths import check_output
 from lorafit.run import RunDir
 
 TASK_FILE = "lorafit_task.json"  # written beside an exported merged model
@@ -158,9 +159,9 @@ def read_inputs(path: str | Path) -> list[tuple[str, str | None]]:
     if not path.is_file():
         raise LorafitError(f"--input {path}: file not found")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise LorafitError(f"--input {path}: not UTF-8 text ({e})") from None
+        text = read_text(path, "input file").removeprefix("\ufeff")
+    except LorafitError as e:
+        raise LorafitError(f"--input {e}") from None
     pairs: list[tuple[str, str | None]] = []
     if path.suffix == ".jsonl":
         for n, line in enumerate(text.splitlines(), 1):
@@ -221,22 +222,30 @@ def predict_texts(trained: Trained, pairs: list[tuple[str, str | None]], batch_s
 def export_merged(path: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Merge the LoRA layers into the base weights and save a plain Transformers model."""
     output = Path(output)
+    check_output("--output", output, [("PATH", path), *_model_sources(Path(path))])
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise LorafitError(f"--output {output}: exists and is not empty; pass --overwrite to replace it")
     trained = load_trained(path)
-    model = trained.model
-    tmp = output.with_name(output.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    trained.tokenizer.save_pretrained(tmp)
     task = trained.task
-    atomic_write_json(tmp / TASK_FILE, {
-        "task": task.name if task else None,
-        "task_spec": dataclasses.asdict(task) if task else None,
-        "max_length": trained.max_length,
-    })
-    if output.exists():
-        shutil.rmtree(output)
-    tmp.rename(output)
+    # Built beside the output and swapped in whole: a failed write keeps the old output.
+    with atomic_dir(output) as tmp:
+        trained.model.save_pretrained(tmp)
+        trained.tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / TASK_FILE, {
+            "task": task.name if task else None,
+            "task_spec": dataclasses.asdict(task) if task else None,
+            "max_length": trained.max_length,
+        })
     return output
+
+
+def _model_sources(path: Path) -> list[tuple[str, str]]:
+    """Local base-model folders a merge reads besides ``path`` (named in the run or the adapter)."""
+    names = []
+    if (path / "config.yaml").is_file():
+        with contextlib.suppress(LorafitError):
+            names.append(str(read_yaml_mapping(path / "config.yaml", "run config").get("model", "")))
+    if (path / "adapter_config.json").is_file():
+        with contextlib.suppress(LorafitError, AttributeError):
+            names.append(str(read_json(path / "adapter_config.json").get("base_model_name_or_path") or ""))
+    return [("model", n) for n in names if n and Path(n).expanduser().is_dir()]

@@ -126,8 +126,9 @@ def load_model(
         kwargs["problem_type"] = "regression"
     if dtype is not None:
         kwargs["dtype"] = dtype
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the "newly initialized head" notice is expected here
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load would bury the one-line errors
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             location, output_loading_info=True, **kwargs
@@ -136,6 +137,8 @@ def load_model(
         raise _hub_error(name, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     new_modules = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])})
     return model, new_modules
 

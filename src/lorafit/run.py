@@ -17,6 +17,7 @@ moment leaves the previous checkpoint usable.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import sys
 from dataclasses import dataclass
@@ -28,7 +29,16 @@ import yaml
 from lorafit import __version__
 from lorafit.config import FIELD_NAMES, RUNTIME_KEYS, TrainConfig, field_defaults
 from lorafit.errors import LorafitError
-from lorafit.io import atomic_write_bytes, atomic_write_json, read_json
+from lorafit.io import (
+    append_line,
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    os_error,
+    read_json,
+    read_yaml_mapping,
+    recover_dir,
+)
 
 if TYPE_CHECKING:  # torch and the model code load only when a run trains: the report needs neither
     import numpy as np
@@ -44,6 +54,8 @@ TRAIN_LOSS = "train_loss.jsonl"
 CHECKPOINT = "checkpoint"
 # Any of these makes a folder a run directory (a run killed early may have only some).
 RUN_FILES = (CONFIG, SUMMARY, METRICS, TRAIN_LOSS, CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.new")
+# What a run writes; --overwrite removes exactly these, and nothing else in the folder.
+OWNED = (*RUN_FILES, "adapter", "model", *(f"{n}.{s}" for n in ("adapter", "model") for s in ("old", "new")))
 
 
 @dataclass
@@ -76,15 +88,9 @@ class RunDir:
     def config(self) -> dict[str, Any]:
         """The resolved settings of the run (``config.yaml``) as written, a mapping of field names."""
         path = self.path / CONFIG
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise LorafitError(f"{self.path}: not a lorafit run directory (no {CONFIG})") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise LorafitError(f"{path}: not readable YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise LorafitError(f"{path}: not a lorafit run config (expected a mapping of settings)")
-        return data
+        if not path.exists():
+            raise LorafitError(f"{self.path}: not a lorafit run directory (no {CONFIG})")
+        return read_yaml_mapping(path, "run config")  # unreadable, not YAML or not a mapping: named
 
     def train_config(self) -> TrainConfig:
         """The run's settings as a :class:`TrainConfig` (refusing keys TrainConfig does not have)."""
@@ -92,7 +98,10 @@ class RunDir:
         unknown = sorted(set(saved) - FIELD_NAMES)
         if unknown:
             raise LorafitError(f"{self.path / CONFIG}: not a lorafit run config (unknown keys: {', '.join(unknown)})")
-        return TrainConfig(**saved)
+        try:
+            return TrainConfig(**saved)
+        except LorafitError as e:
+            raise LorafitError(f"{self.path / CONFIG}: {e}") from None
 
     def summary(self) -> dict[str, Any] | None:
         """``summary.json``, or None while there is none (or it is unreadable)."""
@@ -164,6 +173,12 @@ class RunDir:
                 f"--output-dir {self.path}: holds an unfinished run; pass --resume to continue it "
                 "or --overwrite to start again"
             )
+        leftovers = [n for n in (METRICS, "adapter", "model", SUMMARY) if (self.path / n).exists()]
+        if leftovers and not cfg.overwrite:  # a run stopped before its first checkpoint
+            raise LorafitError(
+                f"--output-dir {self.path}: holds files of another run ({', '.join(leftovers)}) and no checkpoint "
+                "to resume; pass --overwrite to replace them"
+            )
 
     def changed_settings(self, cfg: TrainConfig) -> list[str]:
         """Settings of ``cfg`` that differ from the run's config.yaml, leaving out how a run is
@@ -177,20 +192,36 @@ class RunDir:
         """Clear what --overwrite replaces and write the resolved config (called once the model
         and data have loaded, so bad input leaves no half-made run behind)."""
         if cfg.resume:
+            for name in ("adapter", "model"):
+                recover_dir(self.path / name)
             return
-        if self.path.exists() and cfg.overwrite:
-            for name in (*RUN_FILES, "adapter", "model"):
-                target = self.path / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink(missing_ok=True)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            if self.path.exists() and cfg.overwrite:
+                for name in OWNED:
+                    target = self.path / name
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    else:
+                        target.unlink(missing_ok=True)
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise os_error(self.path, e, "could not prepare the run directory") from e
         atomic_write_bytes(self.path / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.path / METRICS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.path / METRICS, json.dumps(record))
+
+    def trim_metrics(self, step: int) -> None:
+        """Drop the lines of evaluations after ``step`` (the checkpoint a resumed run starts from):
+        a run killed between an evaluation and its checkpoint evaluates again, and must not
+        record that evaluation twice."""
+        path = self.path / METRICS
+        if not path.exists():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and _step_of(line) <= step]
+        if len(kept) != len(lines):
+            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
     def append_train_loss(self, record: dict[str, Any]) -> None:
         with open(self.path / TRAIN_LOSS, "a", encoding="utf-8") as f:
@@ -212,35 +243,60 @@ class RunDir:
     def save_checkpoint(
         self, trainable: dict[str, torch.Tensor], training_state: dict[str, Any], state: dict[str, Any]
     ) -> None:
-        """Write the checkpoint into ``checkpoint.new/`` and swap it in."""
-        import torch
-        from safetensors.torch import save_file
+        """Write the checkpoint into ``checkpoint.new/`` and swap it in (the old one stays on failure)."""
+        import io
 
-        new, old = self.path / f"{CHECKPOINT}.new", self.path / f"{CHECKPOINT}.old"
-        if new.exists():
-            shutil.rmtree(new)
-        new.mkdir(parents=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, new / "trainable.safetensors")
-        torch.save(training_state, new / "training_state.pt")
-        atomic_write_json(new / "state.json", state)
-        if self.checkpoint.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            self.checkpoint.rename(old)
-        new.rename(self.checkpoint)
-        if old.exists():
-            shutil.rmtree(old)
+        import torch
+        from safetensors.torch import save
+
+        buffer = io.BytesIO()
+        torch.save(training_state, buffer)
+        with atomic_dir(self.checkpoint) as new:
+            weights = save({k: v.detach().contiguous().cpu() for k, v in trainable.items()})
+            atomic_write_bytes(new / "trainable.safetensors", weights)
+            atomic_write_bytes(new / "training_state.pt", buffer.getvalue())
+            atomic_write_json(new / "state.json", state)
 
     def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+        """The checkpoint's trainable tensors, optimizer/scheduler/RNG state and progress.
+
+        Raises:
+            LorafitError: naming the file that is missing, truncated or not what lorafit writes.
+        """
         import torch
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError
+        from safetensors.torch import load
 
         folder = self._checkpoint_folder() or self.checkpoint
         state = read_json(folder / "state.json", "checkpoint state")
-        trainable = load_file(folder / "trainable.safetensors")
-        # Only tensors, dicts and numbers: loads with weights_only=True (no pickled code).
-        training_state = torch.load(folder / "training_state.pt", weights_only=True)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise LorafitError(f"{folder / 'state.json'}: not a lorafit checkpoint state (no integer 'step')")
+        path = folder / "trainable.safetensors"
+        try:
+            trainable = load(path.read_bytes())
+        except (OSError, SafetensorError) as e:
+            raise LorafitError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+        path = folder / "training_state.pt"
+        try:
+            # Only tensors, dicts and numbers: loads with weights_only=True (no pickled code).
+            training_state = torch.load(path, weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+            raise LorafitError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+        if not isinstance(training_state, dict) or not {"optimizer", "scheduler", "torch_rng"} <= set(training_state):
+            raise LorafitError(f"{path}: not a lorafit training state (optimizer, scheduler and RNG expected)")
         return trainable, training_state, state
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return float("inf")  # a torn or foreign line: dropped with the evaluations after the checkpoint
 
 
 @dataclass

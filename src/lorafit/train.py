@@ -37,12 +37,15 @@ from lorafit.distributed import (
     predict_logits_sharded,
     process_rng_states,
 )
+from lorafit.divergence import DivergenceGuard
 from lorafit.errors import LorafitError
 from lorafit.evaluation import evaluate
+from lorafit.io import atomic_dir
 from lorafit.lora import count_parameters, inject_lora, save_adapter
 from lorafit.lora.adapter import load_lora_weights
 from lorafit.metrics import compute_metrics
 from lorafit.models import display_name, load_model, load_tokenizer
+from lorafit.paths import check_output
 from lorafit.run import Progress, RunDir, build_summary
 
 # Parameters whose names contain these are not weight-decayed (as in BERT and the HF scripts).
@@ -86,6 +89,28 @@ def build_model(cfg: TrainConfig, task: TaskSpec) -> nn.Module:
     if cfg.init_adapter:
         load_lora_weights(model, cfg.init_adapter)
     return model
+
+
+def check_max_length(model: nn.Module, max_length: int) -> None:
+    """Refuse a ``--max-length`` longer than the model's absolute position embeddings."""
+    config = model.config
+    if getattr(config, "position_biased_input", True) is False:  # DeBERTa: relative positions only
+        return
+    positions = getattr(config, "max_position_embeddings", None)
+    if not positions:
+        return
+    # RoBERTa numbers positions from padding_idx + 1, so two of its 514 embeddings are unusable.
+    usable = positions - (config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta") else 0)
+    if max_length > usable:
+        raise LorafitError(f"--max-length {max_length}: longer than the model's {usable} position embeddings "
+                           f"(use --max-length {usable} or less)")
+
+
+def output_inputs(cfg: TrainConfig) -> list[tuple[str, str | None]]:
+    """The files and folders a run reads, which its output directory must stay clear of."""
+    model = cfg.model if Path(cfg.model).expanduser().exists() else None
+    return [("--train-file", cfg.train_file), ("--validation-file", cfg.validation_file),
+            ("--data-dir", cfg.data_dir), ("--init-adapter", cfg.init_adapter), ("--model", model)]
 
 
 def _set_classifier_dropout(model: nn.Module, p: float) -> None:
@@ -138,6 +163,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     frozen_bf16 = fastpath.resolve_frozen_bf16(cfg.frozen_bf16, precision, cfg.method)
     buckets = fastpath.bucket_lengths(cfg.length_buckets, cfg.max_length, cfg.compile)
     run = RunDir(Path(cfg.output_dir or Path("runs") / cfg.run_name()))
+    check_output("--output-dir", run.path, output_inputs(cfg))
     run.check(cfg)
     accelerator = make_accelerator({"fp32": "no"}.get(precision, precision), device)
     # After Accelerate, which sets its own thread count for CPU processes (cores / processes). One
@@ -153,10 +179,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_data, evals = load_data(cfg, task, tokenizer)
     model = build_model(cfg, task)
+    check_max_length(model, cfg.max_length)
     counts = count_parameters(model)
     if frozen_bf16:
         fastpath.cast_frozen_linears(model)
     optimizer = make_optimizer(model, cfg)
+    # Everything that can be checked has been: only now may --overwrite clear the old run.
     accelerator.wait_for_everyone()  # every process has checked the run directory before it changes
     if accelerator.is_main_process:
         run.start(cfg)
@@ -170,6 +198,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     progress, rng = Progress(), None
     if cfg.resume:
         progress, rng = _restore(run, model, optimizer, scheduler, accelerator)
+    if accelerator.is_main_process:  # a resumed run evaluates again after its checkpoint
+        run.trim_metrics(progress.step)
     fill_fsdp_wrap_policy(accelerator, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if rng is not None:  # last, so that nothing in between draws from the restored streams
@@ -188,6 +218,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar = _progress_bar(cfg, total_steps, progress.step, accelerator)
     model.train()
     running_loss = torch.zeros((), device=accelerator.device)  # summed on device: no per-step host sync
+    guard = DivergenceGuard(trainable, accelerator.device)
     started = time.perf_counter() - progress.train_seconds
     while progress.step < total_steps:
         order = _epoch_batches(cfg, train_data, progress.epoch, accelerator)
@@ -195,7 +226,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             group = order[start : start + cfg.grad_accum]
             shapes.start(tuple((len(g), fastpath.padded_width(int(train_data.lengths[g].max()), buckets))
                                for g in group))
-            running_loss += _accumulate(step_model, accelerator, train_data, group, pad_id, buckets)
+            loss = _accumulate(step_model, accelerator, train_data, group, pad_id, buckets)
+            guard.watch(loss)
+            running_loss += loss
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
             optimizer.step()
@@ -207,11 +240,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 _log(bar, running_loss, progress, scheduler, started, cfg.log_steps, run, accelerator)
             bar.update(1)
             at_eval = progress.step % eval_every == 0 or progress.step == total_steps
+            at_save = at_eval or (cfg.save_steps and progress.step % cfg.save_steps == 0)
+            if at_save or progress.step % cfg.log_steps == 0:
+                # Before NaN weights are evaluated or saved; the weights themselves only then.
+                guard.check(cfg, run, progress, accelerator, weights=bool(at_save))
             if at_eval:
                 progress.train_seconds = time.perf_counter() - started
                 state.evaluate_and_keep_best(epoch=round(progress.step / steps_per_epoch, 4))
                 started = time.perf_counter() - progress.train_seconds  # eval time is not train time
-            if at_eval or (cfg.save_steps and progress.step % cfg.save_steps == 0):
+            if at_save:
                 progress.train_seconds = time.perf_counter() - started
                 state.save_checkpoint()
             if progress.step >= total_steps:
@@ -304,21 +341,22 @@ class _Session:
         if improved:
             progress.best_metric, progress.best_epoch, progress.best_step = value, epoch, progress.step
             progress.best_metrics = metrics
+        # The best model first, then the line that calls it best: a failed write leaves no such line.
+        # ``improved`` is the same on every process: the metrics come from the same gathered logits.
+        if improved:
+            with full_weights(acc, self.model):
+                if acc.is_main_process:
+                    model = acc.unwrap_model(self.model)
+                    with atomic_dir(self.run.adapter if cfg.method == "lora" else self.run.model) as tmp:
+                        if cfg.method == "lora":
+                            save_adapter(model, tmp, _adapter_metadata(cfg, self.task),
+                                         base_model=display_name(cfg.model))
+                        else:
+                            model.save_pretrained(tmp)
+                            self.tokenizer.save_pretrained(tmp)
         if acc.is_main_process:
             self.run.append_metrics({"step": progress.step, "epoch": epoch, **metrics,
                                      "train_seconds": round(progress.train_seconds, 2), "best": improved})
-        if not improved:  # the same on every process: the metrics were computed from the same logits
-            return
-        with full_weights(acc, self.model):
-            if not acc.is_main_process:
-                return
-            model = acc.unwrap_model(self.model)
-            if cfg.method == "lora":
-                save_adapter(model, self.run.adapter, _adapter_metadata(cfg, self.task),
-                             base_model=display_name(cfg.model))
-            else:
-                model.save_pretrained(self.run.model)
-                self.tokenizer.save_pretrained(self.run.model)
 
     def save_checkpoint(self) -> None:
         acc = self.accelerator
@@ -364,12 +402,19 @@ def _restore(run: RunDir, model: nn.Module, optimizer, scheduler, accelerator) -
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(trainable) != expected:
         raise LorafitError(f"{run.checkpoint}: checkpoint does not match this model's trainable parameters")
+    for name, value in trainable.items():
+        if value.shape != params[name].shape:
+            raise LorafitError(f"{run.checkpoint}: '{name}' has shape {tuple(value.shape)}, the model expects "
+                               f"{tuple(params[name].shape)}")
+    try:
+        progress = Progress(**state)
+        optimizer.load_state_dict(training_state["optimizer"])
+        scheduler.load_state_dict(training_state["scheduler"])
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise LorafitError(f"{run.checkpoint}: checkpoint state does not fit this run ({e})") from None
     with torch.no_grad():
         for name, value in trainable.items():
             params[name].copy_(value)
-    optimizer.load_state_dict(training_state["optimizer"])
-    scheduler.load_state_dict(training_state["scheduler"])
-    progress = Progress(**state)
     if accelerator.is_main_process:  # steps trained after the checkpoint are trained again
         run.trim_train_loss(progress.step)
     return progress, training_state

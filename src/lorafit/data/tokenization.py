@@ -212,9 +212,13 @@ def _save(encoded: Encoded, path: Path) -> None:
         "max_length": str(encoded.max_length),
         "is_regression": str(encoded.is_regression).lower(),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temp file lives in the target folder so os.replace is a same-filesystem rename.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The temp file lives in the target folder so os.replace is a same-filesystem rename.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    except OSError as e:
+        raise LorafitError(f"tokenization cache {path.parent} ($LORAFIT_CACHE): cannot write there "
+                           f"({e.strerror or e}); point LORAFIT_CACHE at a writable folder") from None
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)

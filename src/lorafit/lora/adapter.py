@@ -145,10 +145,39 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
 def read_adapter_metadata(directory: str | Path) -> dict[str, Any]:
     """lorafit's metadata of an adapter directory; empty for an adapter PEFT wrote."""
     path = Path(directory) / METADATA_NAME
-    return read_json(path) if path.exists() else {}
+    metadata = read_json(path) if path.exists() else {}
+    if not isinstance(metadata, dict):
+        raise LorafitError(f"{path}: expected a JSON object of adapter facts, got {type(metadata).__name__}")
+    return metadata
+
+
+def _base_name(model: nn.Module) -> str | None:
+    from lorafit.models import display_name
+
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return display_name(name) if name else None
+
+
+def _same_model_name(a: str, b: str) -> bool:
+    """Two names of one model: equal, or two spellings of one local folder."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def _check_base(model: nn.Module, directory: Path, metadata: dict[str, Any]) -> None:
+    """Refuse an adapter whose config names another base model, or whose fingerprint differs."""
+    from lorafit.models import display_name
+
+    config = read_json(directory / CONFIG_NAME, "adapter config") if (directory / CONFIG_NAME).exists() else {}
+    named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    here_name = _base_name(model)
+    if isinstance(named, str) and named and here_name and not _same_model_name(display_name(named), here_name):
+        raise LorafitError(
+            f"{directory / CONFIG_NAME}: adapter was trained on base model '{named}', not on '{here_name}' "
+            "(use that model, e.g. --model " + named + ")"
+        )
     saved = metadata.get("base_model")
     if not saved:
         return
@@ -179,6 +208,8 @@ def load_lora_weights(model: nn.Module, directory: str | Path) -> nn.Module:
     expected = {k: v for k, v in adapter_state_dict(model).items() if ".lora_A." in k or ".lora_B." in k}
     # The head of another task is in the file too: only missing LoRA keys are an error here.
     _check_fits(expected, state, directory / WEIGHTS_NAME, extra_allowed=True)
+    # After the key checks: the weight sample compares like with like only when the targets agree.
+    _check_base(model, directory, read_adapter_metadata(directory))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key in expected:

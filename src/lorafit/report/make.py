@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_write_bytes
+from lorafit.paths import check_output
 from lorafit.report.plots import plot_curves, plot_lora_vs_full, plot_rank
 from lorafit.report.results_csv import write_csv
 from lorafit.report.rows import build_rows, task_order
@@ -41,12 +42,8 @@ def make_report(paths: list[str | Path], output: str | Path | None = None,
     groups = group_runs(runs)
     rows = build_rows(groups)
     out = Path(output) if output else Path(paths[0]) / "report"
-    if out.exists() and not out.is_dir():
-        raise LorafitError(f"--output {out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    for pattern in PLOT_PATTERNS:  # plots of an earlier report whose data is gone
-        for old in out.glob(pattern):
-            old.unlink()
+    # Inside a run or sweep folder is fine (the default): a report only adds files of its own.
+    check_output("--output", out, [("DIR", p) for p in paths], allow_inside=True)
     if command is None:
         flags = ["--output", str(output)] if output else []
         command = shlex.join(["lorafit", "report", *map(str, paths), *flags])
@@ -68,6 +65,10 @@ def make_report(paths: list[str | Path], output: str | Path | None = None,
                        *images.items()]:
         atomic_write_bytes(out / name, data)
         written[name] = out / name
+    for pattern in PLOT_PATTERNS:  # plots of an earlier report whose data is gone, once the new ones are in
+        for old in out.glob(pattern):
+            if old.name not in written:
+                old.unlink()
     return Report(written, len(runs), len(groups))
 
 

@@ -126,9 +126,14 @@ def run_sweep(grid: Grid, overwrite: bool = False, echo: Callable[[str], None] |
         else:
             print(text, flush=True)
 
+    from lorafit.paths import check_output
+    from lorafit.train import output_inputs
+
     cells = expand(grid)
-    doomed = check_sweep_dir(grid, cells, overwrite)
     root = Path(grid.output_dir)
+    # Before anything is deleted: no cell may write onto, over or inside what a cell reads.
+    check_output("--output-dir", root, [x for c in cells for x in output_inputs(c.config)])
+    doomed = check_sweep_dir(grid, cells, overwrite)
     for path in doomed:
         shutil.rmtree(path)
         say(f"removed {path} (--overwrite)")
