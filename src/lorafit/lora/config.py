@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from lorafit.errors import LorafitError
@@ -30,6 +30,9 @@ DEFAULT_HEAD_MODULES: dict[str, tuple[str, ...]] = {
     "distilbert": ("pre_classifier", "classifier"),
 }
 
+# How LoRA factors may start (PEFT's names; "default" is PEFT's True).
+INIT_LORA_WEIGHTS = ("default", "gaussian", "pissa")
+
 
 @dataclass
 class LoRAConfig:
@@ -45,6 +48,9 @@ class LoRAConfig:
         modules_to_save: Modules trained in full and saved with the adapter (the task head).
             ``None`` uses the architecture's default.
         use_rslora: Scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        use_dora: Weight-decomposed LoRA (DoRA): a trained magnitude per output row.
+        init_lora_weights: One of :data:`INIT_LORA_WEIGHTS`: ``"default"`` (PEFT's ``True``),
+            ``"gaussian"`` or ``"pissa"`` (PEFT's names).
     """
 
     r: int = 8
@@ -53,6 +59,8 @@ class LoRAConfig:
     target_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: str = "default"
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -77,6 +85,11 @@ class LoRAConfig:
             )
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
+        if self.init_lora_weights not in INIT_LORA_WEIGHTS:
+            raise LorafitError(
+                f"LoRA config field 'init_lora_weights' must be one of {', '.join(INIT_LORA_WEIGHTS)}, "
+                f"got {self.init_lora_weights!r}"
+            )
 
     def resolved(self, model_type: str) -> LoRAConfig:
         """A copy with architecture defaults filled in for ``None`` fields."""
@@ -89,13 +102,13 @@ class LoRAConfig:
                 )
             targets = list(DEFAULT_TARGET_MODULES[model_type])
         heads = self.resolved_heads_only(model_type).modules_to_save
-        return LoRAConfig(self.r, self.alpha, self.dropout, targets, heads, self.use_rslora)
+        return replace(self, target_modules=targets, modules_to_save=heads)
 
     def resolved_heads_only(self, model_type: str) -> LoRAConfig:
         heads = self.modules_to_save
         if heads is None:
             heads = list(DEFAULT_HEAD_MODULES.get(model_type, ("classifier",)))
-        return LoRAConfig(self.r, self.alpha, self.dropout, self.target_modules, heads, self.use_rslora)
+        return replace(self, modules_to_save=heads)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

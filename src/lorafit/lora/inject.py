@@ -78,7 +78,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
+        layer = LoRALinear(getattr(parent, child), cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora,
+                           use_dora=cfg.use_dora, init_lora_weights=cfg.init_lora_weights)
+        setattr(parent, child, layer)
     for head in _resolve_heads(model, cfg.modules_to_save or []):
         model.get_submodule(head).requires_grad_(True)
     model.lorafit_lora_config = cfg  # type: ignore[assignment]
@@ -148,7 +150,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     The paper's "# trainable" counts adapters only (Table 2); the head is trained too, and is
     reported separately.
     """
-    adapter_ids = {id(p) for _, layer in lora_layers(model) for p in (layer.lora_A.weight, layer.lora_B.weight)}
+    adapter_ids = {id(layer.get_parameter(n)) for _, layer in lora_layers(model) for n in layer.adapter_params()}
     head_ids = {id(p) for h in head_module_names(model) for p in model.get_submodule(h).parameters()}
     params = {id(p): p for p in model.parameters()}
     adapter = sum(p.numel() for i, p in params.items() if i in adapter_ids)
