@@ -12,12 +12,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-
 from lorafit.errors import LorafitError
 from lorafit.io import read_yaml_mapping
 
 Method = Literal["lora", "full"]
 Precision = Literal["fp32", "bf16", "fp16"]
+InitLoRAWeights = Literal["default", "gaussian", "pissa"]  # PEFT's names ("default" is its True)
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
@@ -38,6 +38,9 @@ class TrainConfig:
     lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA branch input"))
     target_modules: list[str] | None = field(default=None, metadata=_help("comma-separated module names to adapt (default: the architecture's query,value)"))
     use_rslora: bool = field(default=False, metadata=_help("scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r"))
+    use_dora: bool = field(default=False, metadata=_help("DoRA: a trained magnitude per output row on top of the low-rank direction (saved as PEFT's lora_magnitude_vector)"))
+    init_lora_weights: InitLoRAWeights = field(default="default", metadata=_help("how A and B start: default (A Kaiming-uniform, B zero), gaussian (A ~ N(0, 1/r)), pissa (top-r singular vectors of the base weight)"))
+    loraplus_lr_ratio: float | None = field(default=None, metadata=_help("LoRA+: the B matrices learn at this multiple of the learning rate (the paper suggests about 16); A, DoRA magnitudes and the head at the base rate"))
     modules_to_save: list[str] | None = field(default=None, metadata=_help("comma-separated modules trained in full and saved with the adapter (default: the architecture's head: classifier; DeBERTa also pooler)"))
     init_adapter: str | None = field(default=None, metadata=_help("start from this adapter (the paper starts MRPC, RTE and STS-B from the MNLI adapter)"))
     # Optimisation.
@@ -117,6 +120,12 @@ class TrainConfig:
                 raise LorafitError(f"{flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.method == "full" and self.init_adapter:
             raise LorafitError("--init-adapter applies to --method lora, not full fine-tuning")
+        positive("loraplus_lr_ratio", optional=True)
+        if self.init_lora_weights not in ("default", "gaussian", "pissa"):
+            raise LorafitError(f"--init-lora-weights must be one of default, gaussian, pissa; got {self.init_lora_weights!r}")
+        if self.init_adapter and self.init_lora_weights == "pissa":
+            raise LorafitError("--init-adapter replaces the LoRA factors that --init-lora-weights pissa takes from "
+                               "the base weight; give one")
         for name in ("target_modules", "modules_to_save"):
             value = getattr(self, name)
             if value is not None and (not value or not all(isinstance(v, str) and v for v in value)):
@@ -167,7 +176,8 @@ def make_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConf
     """A validated config from a recipe (optional) with overrides on top."""
     values: dict[str, Any] = load_recipe(recipe) if recipe else {}
     values.update(overrides)
-    for key in ("alpha", "learning_rate", "epochs", "weight_decay", "warmup_ratio", "lora_dropout", "max_grad_norm"):
+    for key in ("alpha", "learning_rate", "epochs", "weight_decay", "warmup_ratio", "lora_dropout", "max_grad_norm",
+                "loraplus_lr_ratio"):
         if isinstance(values.get(key), int) and not isinstance(values.get(key), bool):
             values[key] = float(values[key])
     return TrainConfig(**values)

@@ -68,7 +68,8 @@ SWEEP_OWNED = {"output_dir", "overwrite", "resume", "seeds"}
 # How a run is executed, not what it trains: may differ between a sweep and its continuation.
 RUNTIME = set(RUNTIME_KEYS)
 # Fields that only matter for method "lora"; full fine-tuning cells get their defaults.
-LORA_ONLY = ("rank", "alpha", "lora_dropout", "target_modules", "use_rslora", "init_adapter", "modules_to_save")
+LORA_ONLY = ("rank", "alpha", "lora_dropout", "target_modules", "use_rslora", "init_adapter", "modules_to_save",
+             "use_dora", "init_lora_weights", "loraplus_lr_ratio")
 # Short names for the fields that most often tell cells apart in a directory name.
 ABBREVIATIONS = {
     "learning_rate": "lr", "batch_size": "bs", "epochs": "ep", "max_steps": "steps", "alpha": "alpha",

@@ -25,11 +25,22 @@ from torch import nn
 
 from lorafit import __version__
 from lorafit.config import TrainConfig
-from lorafit.data import Encoded, TaskSpec, batch_order, collate, custom_task, encode_split, eval_batches
-from lorafit.data import TASKS, get_task, load_custom, load_split
+from lorafit.data import (
+    TASKS,
+    Encoded,
+    TaskSpec,
+    batch_order,
+    collate,
+    custom_task,
+    encode_split,
+    eval_batches,
+    get_task,
+    load_custom,
+    load_split,
+)
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_write_json, read_json
-from lorafit.lora import LoRAConfig, count_parameters, inject_lora, save_adapter
+from lorafit.lora import LoRAConfig, count_parameters, inject_lora, lora_layers, save_adapter
 from lorafit.lora.adapter import load_lora_weights
 from lorafit.metrics import compute_metrics
 from lorafit.models import display_name, load_model, load_tokenizer
@@ -81,7 +92,8 @@ def build_model(cfg: TrainConfig, task: TaskSpec) -> nn.Module:
         _set_classifier_dropout(model, cfg.classifier_dropout)
     if cfg.method == "full":
         return model
-    lora = LoRAConfig(cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.target_modules, cfg.modules_to_save, cfg.use_rslora)
+    lora = LoRAConfig(cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.target_modules, cfg.modules_to_save, cfg.use_rslora,
+                      cfg.use_dora, cfg.init_lora_weights)
     lora = lora.resolved(model.config.model_type)
     # Modules missing from the checkpoint are freshly initialised: they must be trained too.
     lora.modules_to_save = sorted(set(lora.modules_to_save or []) | {m for m in new_modules if "." not in m})
@@ -98,11 +110,20 @@ def _set_classifier_dropout(model: nn.Module, p: float) -> None:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """AdamW over the trainable parameters, biases and LayerNorms without weight decay.
+
+    With LoRA+ (Hayou et al., ICML 2024) the B matrices get their own group at
+    ``loraplus_lr_ratio`` times the learning rate; everything else (A, DoRA magnitudes, the head)
+    keeps the base rate. The schedule scales every group's rate by the same factor.
+    """
+    decay, no_decay, lora_b = [], [], []
+    b_ids = {id(layer.lora_B.weight) for _, layer in lora_layers(model)} if cfg.loraplus_lr_ratio else set()
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
+            (lora_b if id(p) in b_ids else no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.loraplus_lr_ratio:
+        groups.append({"params": lora_b, "weight_decay": cfg.weight_decay, "lr": cfg.learning_rate * cfg.loraplus_lr_ratio})
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
 
 
