@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+
 from lorafit.errors import LorafitError
 from lorafit.io import read_yaml_mapping
 

@@ -25,19 +25,8 @@ from torch import nn
 
 from lorafit import __version__
 from lorafit.config import TrainConfig
-from lorafit.data import (
-    TASKS,
-    Encoded,
-    TaskSpec,
-    batch_order,
-    collate,
-    custom_task,
-    encode_split,
-    eval_batches,
-    get_task,
-    load_custom,
-    load_split,
-)
+from lorafit.data import Encoded, TaskSpec, batch_order, collate, custom_task, encode_split, eval_batches
+from lorafit.data import TASKS, get_task, load_custom, load_split
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_write_json, read_json
 from lorafit.lora import LoRAConfig, count_parameters, inject_lora, lora_layers, save_adapter
