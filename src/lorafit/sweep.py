@@ -14,6 +14,9 @@ A grid is given as a YAML file (``--grid FILE``, or the name of a grid shipped i
       rank: [1, 2, 4, 8]
       target_modules: [[query, value], [query, key]]   # null: the architecture's default
       seed: [0, 1, 2]
+      settings:                            #   an axis of setting bundles (e.g. LoRA variants), applied
+        - {}                               #   after the other axes: a bundle may pin a field they vary
+        - {use_dora: true, learning_rate: 1.0e-3}
     overrides:                             # FIELD: {VALUE: settings for the cells where FIELD is VALUE}
       method:
         full: {learning_rate: 5.0e-5}
@@ -70,11 +73,14 @@ RUNTIME = set(RUNTIME_KEYS)
 # Fields that only matter for method "lora"; full fine-tuning cells get their defaults.
 LORA_ONLY = ("rank", "alpha", "lora_dropout", "target_modules", "use_rslora", "init_adapter", "modules_to_save",
              "use_dora", "init_lora_weights", "loraplus_lr_ratio")
+# The settings that make a LoRA variant (rsLoRA, DoRA, LoRA+, PiSSA): named in a cell only when set.
+VARIANT_FIELDS = ("use_rslora", "use_dora", "init_lora_weights", "loraplus_lr_ratio")
 # Short names for the fields that most often tell cells apart in a directory name.
 ABBREVIATIONS = {
     "learning_rate": "lr", "batch_size": "bs", "epochs": "ep", "max_steps": "steps", "alpha": "alpha",
     "weight_decay": "wd", "warmup_ratio": "warmup", "lora_dropout": "dropout", "max_length": "len",
     "max_train_samples": "n", "grad_accum": "accum", "classifier_dropout": "cdrop",
+    "init_lora_weights": "init", "loraplus_lr_ratio": "loraplus",
 }
 # Axis flags: (flag, alias, field). The alias takes the same comma-separated list.
 AXIS_FLAGS = (
@@ -188,6 +194,10 @@ def _check_axes(axes: Any, where: str) -> dict[str, list[Any]]:
             if not names_ok:
                 raise LorafitError(
                     f"{where}.recipe: expected a non-empty list of recipe names, got {values!r}")
+        elif key == "settings":  # an axis of bundles of settings: e.g. one per LoRA variant
+            if not isinstance(values, list) or not values:
+                raise LorafitError(f"{where}.settings: expected a non-empty list of mappings, got {values!r}")
+            values = [_check_settings(v, f"{where}.settings[{i}]") for i, v in enumerate(values)]
         elif key not in FIELD_NAMES:
             raise LorafitError(f"{where}: unknown field {key!r} (known: see `lorafit train --help`)")
         if key in SWEEP_OWNED or key in RUNTIME:
@@ -417,8 +427,10 @@ def _expand(grid: Grid) -> tuple[list[Cell], list[tuple[str, Any]]]:
     for combo in itertools.product(*(grid.axes[n] for n in names)):
         point = dict(zip(names, combo))
         where = f"{grid.source}: cell {_describe(point)}"
-        recipe = recipe_values(point.get("recipe", grid.base.get("recipe")))
-        before = {**DEFAULTS, **recipe, **grid.base, **point}
+        flat = {k: v for k, v in point.items() if k != "settings"}
+        flat.update(point.get("settings") or {})  # a bundle comes after the other axes
+        recipe = recipe_values(flat.get("recipe", grid.base.get("recipe")))
+        before = {**DEFAULTS, **recipe, **grid.base, **flat}
         changes: dict[str, tuple[Any, str]] = {}
         for fieldname, by_value in grid.overrides.items():
             for key, settings in by_value.items():
@@ -431,7 +443,7 @@ def _expand(grid: Grid) -> tuple[list[Cell], list[tuple[str, Any]]]:
                         raise LorafitError(
                             f"{where}: {changes[k][1]} and {origin} both set {k!r}, to different values")
                     changes[k] = (v, origin)
-        settings = {**grid.base, **point, **{k: v for k, (v, _) in changes.items()}}
+        settings = {**grid.base, **flat, **{k: v for k, (v, _) in changes.items()}}
         values = {**recipe_values(settings.pop("recipe", None)), **settings}
         if values.get("method", DEFAULTS["method"]) == "full":
             for k in LORA_ONLY:
@@ -469,7 +481,8 @@ def _name_cells(grid: Grid, cells: list[tuple[dict[str, Any], TrainConfig]]) -> 
     for point, cfg in cells:
         task, method, seed = _base_name(cfg)
         tags = [_name_part(f, getattr(cfg, f)) for f in extra
-                if not (cfg.method == "full" and f in LORA_ONLY)]
+                if not (cfg.method == "full" and f in LORA_ONLY)
+                and not (f in VARIANT_FIELDS and getattr(cfg, f) == DEFAULTS[f])]
         model = _safe(Path(cfg.model).name or cfg.model) if vary_model else ""
         name = "/".join(([model] if model else []) + [task, "-".join([method, *tags]), seed])
         if name in seen:
