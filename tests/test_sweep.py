@@ -165,8 +165,9 @@ def test_resolved_grid_file_reloads_to_the_same_cells(tmp_path: Path) -> None:
 
 
 def test_shipped_grids_name_themselves_and_expand() -> None:
-    assert list_grids() == ["minilm-ablation", "minilm-cpu-head", "minilm-cpu-main", "minilm-cpu-rank",
-                            "minilm-cpu-targets", "minilm-cpu-variants", "minilm-cpu-variants-lr", "minilm-main", "smoke"]
+    assert list_grids() == ["minilm-ablation", "minilm-conv-lr-full", "minilm-conv-lr-lora", "minilm-cpu-head",
+                            "minilm-cpu-main", "minilm-cpu-rank", "minilm-cpu-targets", "minilm-cpu-variants",
+                            "minilm-cpu-variants-lr", "minilm-main", "smoke"]
     for name in list_grids():
         path = grid_root() / f"{name}.yaml"
         first = path.read_text(encoding="utf-8").splitlines()[0]
