@@ -123,8 +123,7 @@ def test_bad_variant_settings_are_clear_errors(changes, message):
 
 
 def test_variant_flags_come_from_the_config(capsys):
-    with pytest.raises(SystemExit):
-        main(["train", "--help"])
+    assert main(["train", "--help"]) == 0  # main returns argparse's exit status
     text = capsys.readouterr().out
     for flag in ("--use-dora", "--init-lora-weights {default,gaussian,pissa}", "--loraplus-lr-ratio"):
         assert flag in text
