@@ -239,6 +239,29 @@ def test_a_swept_setting_labels_the_rows(tmp_path: Path) -> None:
                       "all-MiniLM-L6-v2 LoRA r=8 (query, value), learning_rate=0.0005"]
 
 
+def test_lora_variants_are_named_and_get_their_own_table(tmp_path: Path) -> None:
+    variants = {"LoRA": {}, "rsLoRA": {"use_rslora": True}, "DoRA": {"use_dora": True},
+                "LoRA+ x16": {"loraplus_lr_ratio": 16.0}, "PiSSA": {"init_lora_weights": "pissa"}}
+    for i, settings in enumerate(variants.values()):
+        for task in ("mrpc", "cola"):
+            # Each variant at its own learning rate, as a study tunes them: the rate is labelled too.
+            fake_run(tmp_path, task=task, value=0.7 + i / 100, learning_rate=(i + 1) * 1e-4, **settings)
+    for task in ("mrpc", "cola"):
+        fake_run(tmp_path, task=task, method="full", value=0.8, learning_rate=5e-5)
+    rows = rows_of(tmp_path)
+    assert [r.label for r in rows] == ["all-MiniLM-L6-v2 FT, learning_rate=5e-05"] + [
+        f"all-MiniLM-L6-v2 {kind} r=8 (query, value), learning_rate={(i + 1) * 1e-4:g}"
+        for i, kind in sorted(enumerate(variants), key=lambda p: (p[1] != "LoRA", p[1]))]
+    sections = {s.title: [r.label.split(" r=")[0] for r in s.rows] for s in detect_sections(rows)}
+    assert sections["Main comparison: LoRA vs full fine-tuning"] == [
+        "all-MiniLM-L6-v2 FT, learning_rate=5e-05", "all-MiniLM-L6-v2 LoRA"]
+    assert sections["LoRA variants"] == ["all-MiniLM-L6-v2 FT, learning_rate=5e-05"] + [
+        f"all-MiniLM-L6-v2 {k}" for k in sorted(variants, key=lambda k: (k != "LoRA", k))]
+    assert "Other configurations" not in sections
+    md = make_report([tmp_path], tmp_path / "r").files["results.md"].read_text(encoding="utf-8")
+    assert table_line(md, "all-MiniLM-L6-v2 DoRA r=8 (query, value), learning_rate=0.0003").endswith("| 72.0 | 72.0 | 72.0 |")
+
+
 def test_unfinished_and_duplicate_runs(tmp_path: Path, capsys) -> None:
     fake_run(tmp_path / "a", value=0.8)
     fake_run(tmp_path / "a", seed=1, value=0.6, status="running")

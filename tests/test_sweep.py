@@ -165,7 +165,8 @@ def test_resolved_grid_file_reloads_to_the_same_cells(tmp_path: Path) -> None:
 
 def test_shipped_grids_name_themselves_and_expand() -> None:
     assert list_grids() == ["minilm-ablation", "minilm-conv-lr-full", "minilm-conv-lr-lora", "minilm-cpu-head",
-                            "minilm-cpu-main", "minilm-cpu-rank", "minilm-cpu-targets", "minilm-main", "smoke"]
+                            "minilm-cpu-main", "minilm-cpu-rank", "minilm-cpu-targets", "minilm-cpu-variants",
+                            "minilm-cpu-variants-lr", "minilm-main", "smoke"]
     for name in list_grids():
         path = grid_root() / f"{name}.yaml"
         first = path.read_text(encoding="utf-8").splitlines()[0]
@@ -189,6 +190,33 @@ def test_shipped_grids_name_themselves_and_expand() -> None:
     assert len(expand(load_grid("minilm-cpu-head"))) == 2 * 3
     # The converged protocol's learning-rate searches: 5 tasks x 3 learning rates, one seed.
     assert len(expand(load_grid("minilm-conv-lr-lora"))) == len(expand(load_grid("minilm-conv-lr-full"))) == 15
+    # The variants study: 3 tasks x 6 variants (LoRA, rsLoRA, DoRA, LoRA+, PiSSA, full) x 3 seeds, each
+    # variant at its own rate; its search: 3 tasks x (5 LoRA variants x 3 rates + 3 full rates), seed 0.
+    variants = {c.name: c.config for c in expand(load_grid("minilm-cpu-variants"))}
+    assert len(variants) == 3 * 6 * 3
+    assert variants["cola/lora-r8-use_dora-lr0.0005/seed2"].use_dora
+    assert variants["stsb/lora-r8-loraplus16-lr0.0002/seed0"].loraplus_lr_ratio == 16
+    assert variants["mrpc/lora-r8-initpissa-lr0.0002/seed1"].init_lora_weights == "pissa"
+    assert variants["mrpc/full-lr5e-05/seed1"].method == "full"
+    search = expand(load_grid("minilm-cpu-variants-lr"))
+    assert len(search) == 3 * (5 * 3 + 3)
+    assert sorted({c.config.learning_rate for c in search if c.config.method == "full"}) == [2e-5, 5e-5, 1e-4]
+
+
+def test_a_settings_axis_bundles_fields_and_may_pin_another_axis(tmp_path: Path) -> None:
+    path = write_grid(tmp_path / "g.yaml", {"output_dir": str(tmp_path / "o"), "grid": {
+        "learning_rate": [1e-4, 1e-3],
+        "settings": [{}, {"use_dora": True, "lora_dropout": 0.1}, {"method": "full", "learning_rate": 5e-5}]}})
+    cells = expand(load_grid(path))
+    # The full bundle pins the rate, so its two cells are one; variant fields are named only when set.
+    assert names(cells) == ["mrpc/lora-r8-dropout0-lr0.0001/seed0", "mrpc/lora-r8-dropout0.1-use_dora-lr0.0001/seed0",
+                            "mrpc/full-lr5e-05/seed0", "mrpc/lora-r8-dropout0-lr0.001/seed0",
+                            "mrpc/lora-r8-dropout0.1-use_dora-lr0.001/seed0"]
+    assert [c.config.use_dora for c in cells] == [False, True, False, False, True]
+    assert cells[2].config.learning_rate == 5e-5
+    bad = write_grid(tmp_path / "b.yaml", {"output_dir": "o", "grid": {"settings": [{"use_droa": True}]}})
+    with pytest.raises(LorafitError, match=r"grid\.settings\[0\]: unknown field 'use_droa'"):
+        load_grid(bad)
 
 
 def test_a_recipe_axis_and_a_recipe_flag(tmp_path: Path) -> None:

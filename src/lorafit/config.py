@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 Method = Literal["lora", "full"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 CompileMode = Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
+InitLoRAWeights = Literal["default", "gaussian", "pissa"]  # PEFT's names ("default" is its True)
 
 # Field tags (a field may carry several; an untagged field is an ordinary training setting).
 # How a run is executed, not what it learns: may change on --resume, never taken from a recipe,
@@ -66,6 +67,9 @@ class TrainConfig:
     lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA branch input", LORA))
     target_modules: list[str] | None = field(default=None, metadata=_help("comma-separated module names to adapt (default: the architecture's query,value)", LORA))
     use_rslora: bool = field(default=False, metadata=_help("scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r", LORA))
+    use_dora: bool = field(default=False, metadata=_help("DoRA: a trained magnitude per output row on top of the low-rank direction (saved as PEFT's lora_magnitude_vector)", LORA))
+    init_lora_weights: InitLoRAWeights = field(default="default", metadata=_help("how A and B start: default (A Kaiming-uniform, B zero), gaussian (A ~ N(0, 1/r)), pissa (top-r singular vectors of the base weight)", LORA))
+    loraplus_lr_ratio: float | None = field(default=None, metadata=_help("LoRA+: the B matrices learn at this multiple of the learning rate (the paper suggests about 16); A, DoRA magnitudes and the head at the base rate", LORA))
     modules_to_save: list[str] | None = field(default=None, metadata=_help("comma-separated modules trained in full and saved with the adapter (default: the architecture's head: classifier; DeBERTa also pooler)", LORA))
     init_adapter: str | None = field(default=None, metadata=_help("start from this adapter (the paper starts MRPC, RTE and STS-B from the MNLI adapter)", LORA))
     # Optimisation.
@@ -150,6 +154,10 @@ class TrainConfig:
                 raise FieldError(name, f"{flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.method == "full" and self.init_adapter:
             raise LorafitError("--init-adapter applies to --method lora, not full fine-tuning")
+        positive("loraplus_lr_ratio")
+        if self.init_adapter and self.init_lora_weights == "pissa":
+            raise LorafitError("--init-adapter replaces the LoRA factors that --init-lora-weights pissa takes from "
+                               "the base weight; give one")
         for name in ("target_modules", "modules_to_save"):  # a list here; LoRAConfig also takes a regex
             if getattr(self, name) is not None and not isinstance(getattr(self, name), (list, tuple)):
                 raise LorafitError(f"{flag(name)} must be a non-empty list of module names, got {getattr(self, name)!r}")
@@ -184,7 +192,8 @@ class TrainConfig:
         from lorafit.lora.config import LoRAConfig
 
         return LoRAConfig(r=self.rank, alpha=self.alpha, dropout=self.lora_dropout, target_modules=self.target_modules,
-                          modules_to_save=self.modules_to_save, use_rslora=self.use_rslora)
+                          modules_to_save=self.modules_to_save, use_rslora=self.use_rslora, use_dora=self.use_dora,
+                          init_lora_weights=self.init_lora_weights)
 
     def task_spec(self) -> TaskSpec:
         """The GLUE task named by ``task``, or the user's task when custom files are given."""
@@ -210,7 +219,8 @@ class TrainConfig:
 
 # LoRAConfig field -> the TrainConfig field (and so the flag) that sets it.
 LORA_FIELDS = {"r": "rank", "alpha": "alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
-               "modules_to_save": "modules_to_save", "use_rslora": "use_rslora"}
+               "modules_to_save": "modules_to_save", "use_rslora": "use_rslora", "use_dora": "use_dora",
+               "init_lora_weights": "init_lora_weights"}
 FIELD_ORDER: tuple[str, ...] = tuple(f.name for f in fields(TrainConfig))
 FIELD_NAMES = set(FIELD_ORDER)
 

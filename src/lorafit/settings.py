@@ -12,6 +12,10 @@ from typing import Any
 
 from lorafit.config import FIELD_ORDER
 
+# The settings that make a LoRA variant (rsLoRA, DoRA, LoRA+, PiSSA): a sweep cell names them only
+# when set, and the report names a row by its variant (see lorafit.report.rows.lora_kind).
+VARIANT_FIELDS = ("use_rslora", "use_dora", "init_lora_weights", "loraplus_lr_ratio")
+
 
 def format_value(value: Any) -> str:
     """A setting as it appears in names and tables: floats in %g form, lists joined by "+"."""

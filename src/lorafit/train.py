@@ -41,7 +41,7 @@ from lorafit.divergence import DivergenceGuard
 from lorafit.errors import LorafitError
 from lorafit.evaluation import evaluate
 from lorafit.io import atomic_dir
-from lorafit.lora import count_parameters, inject_lora, save_adapter
+from lorafit.lora import count_parameters, inject_lora, lora_layers, save_adapter
 from lorafit.lora.adapter import load_lora_weights
 from lorafit.metrics import compute_metrics
 from lorafit.models import display_name, load_model, load_tokenizer
@@ -120,13 +120,22 @@ def _set_classifier_dropout(model: nn.Module, p: float) -> None:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    """AdamW over the trainable parameters, biases and LayerNorms without weight decay.
+
+    With LoRA+ (Hayou et al., ICML 2024) the B matrices get their own group at
+    ``loraplus_lr_ratio`` times the learning rate; everything else (A, DoRA magnitudes, the head)
+    keeps the base rate. The schedule scales every group's rate by the same factor.
+    """
+    decay, no_decay, lora_b = [], [], []
+    b_ids = {id(layer.lora_B.weight) for _, layer in lora_layers(model)} if cfg.loraplus_lr_ratio else set()
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
+            (lora_b if id(p) in b_ids else no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.loraplus_lr_ratio:
+        groups.append({"params": lora_b, "weight_decay": cfg.weight_decay, "lr": cfg.learning_rate * cfg.loraplus_lr_ratio})
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                             **fastpath.adamw_kwargs(cfg.fused_optimizer, decay + no_decay))
+                             **fastpath.adamw_kwargs(cfg.fused_optimizer, decay + no_decay + lora_b))
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -173,11 +173,3 @@ def test_peft_adapter_for_other_shapes_is_refused(tiny_model, layouts, logits_of
         load_adapter(model, tmp_path)
     assert torch.equal(logits_of(model), base)
     assert not any(True for _ in lora_layers(model))
-
-
-def test_peft_adapter_with_dora_is_refused(tiny_model, tmp_path):
-    config = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query"], use_dora=True)
-    model = get_peft_model(tiny_model("bert"), config)
-    model.save_pretrained(tmp_path)
-    with pytest.raises(LorafitError, match="'use_dora'.*not supported"):
-        load_adapter(tiny_model("bert"), tmp_path)

@@ -1,10 +1,16 @@
 """Adapters on disk, in PEFT's format.
 
 An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` with PEFT's
-key names (``base_model.model.<module>.lora_A.weight``; the head as
-``base_model.model.classifier.weight``), so ``peft.PeftModel.from_pretrained`` loads what lorafit
+key names (``base_model.model.<module>.lora_A.weight``, DoRA's ``<module>.lora_magnitude_vector``;
+the head as ``base_model.model.classifier.weight``), so ``peft.PeftModel.from_pretrained`` loads what lorafit
 writes and lorafit loads what PEFT writes. lorafit adds ``lorafit_adapter.json``: the task, the
 label names and a fingerprint of the base model, so a different base model is caught on load.
+
+A PiSSA adapter is stored as PEFT stores it by default: ``init_lora_weights: "pissa"`` and the
+trained factors. Loading it onto the original base model repeats the SVD, which takes the same
+principal part out of the base weight again, so the trained factors land on the same residual.
+(PEFT's other form, converted with ``path_initial_model_for_weight_conversion``, is a plain LoRA
+adapter of rank 2r and loads as one.)
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ PREFIX = "base_model.model."
 
 # PEFT features lorafit does not implement; an adapter using them is refused, not half-loaded.
 _UNSUPPORTED: dict[str, Any] = {
-    "use_dora": False,
     "fan_in_fan_out": False,
     "lora_bias": False,
     "rank_pattern": {},
@@ -66,9 +71,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     first = next(lora_layers(model), None)
     if first is not None and not first[1].base_layer.weight.is_meta:
         layer = first[1]
-        weight = layer.base_layer.weight.detach().float()
-        if layer.merged:
-            weight = weight - layer.delta_weight()
+        weight = layer.unmerged_weight()
         facts["weight_sample"] = [round(v, 6) for v in weight.flatten()[:16].tolist()]
     return facts
 
@@ -100,8 +103,9 @@ def save_adapter(model: nn.Module, directory: str | Path, metadata: dict[str, An
         "target_modules": cfg.target_modules,
         "modules_to_save": cfg.modules_to_save,
         "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.use_dora,
         "bias": "none",
-        "init_lora_weights": True,
+        "init_lora_weights": True if cfg.init_lora_weights == "default" else cfg.init_lora_weights,
         "inference_mode": True,
         **_UNSUPPORTED,
     }
@@ -128,6 +132,14 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in raw:
             raise LorafitError(f"{path}: missing field '{key}'")
+    init = raw.get("init_lora_weights", True)
+    # The factors come from the file, so how they started only matters when it changed the base
+    # weight (PiSSA); other inits that do (OLoRA, CorDA, LoftQ, ...) are not implemented.
+    if init not in (True, False, "gaussian", "pissa"):
+        raise LorafitError(
+            f"{path}: 'init_lora_weights' = {init!r} is not supported by lorafit "
+            "(expected true, false, \"gaussian\" or \"pissa\")"
+        )
     targets = raw["target_modules"]
     try:
         return LoRAConfig(
@@ -137,6 +149,8 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
             target_modules=sorted(targets) if isinstance(targets, list) else targets,
             modules_to_save=raw.get("modules_to_save"),
             use_rslora=bool(raw.get("use_rslora", False)),
+            use_dora=bool(raw.get("use_dora", False)),
+            init_lora_weights=init if isinstance(init, str) else "default",
         )
     except LorafitError as e:
         raise LorafitError(f"{path}: {e}") from None
@@ -205,7 +219,8 @@ def load_lora_weights(model: nn.Module, directory: str | Path) -> nn.Module:
     """
     directory = Path(directory)
     state = read_adapter_weights(directory)
-    expected = {k: v for k, v in adapter_state_dict(model).items() if ".lora_A." in k or ".lora_B." in k}
+    expected = {k: v for k, v in adapter_state_dict(model).items() if ".lora_A." in k or ".lora_B." in k
+                or k.endswith(".lora_magnitude_vector")}
     # The head of another task is in the file too: only missing LoRA keys are an error here.
     _check_fits(expected, state, directory / WEIGHTS_NAME, extra_allowed=True)
     # After the key checks: the weight sample compares like with like only when the targets agree.
@@ -263,6 +278,12 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
 
 def _remove_lora(model: nn.Module, requires_grad: dict[str, bool]) -> None:
     """Undo :func:`inject_lora`: put the base linears back and restore the trainable flags."""
+    for _, layer in lora_layers(model):
+        if layer.init_lora_weights == "pissa":  # give back the principal part PiSSA took out
+            layer.unmerge()
+            with torch.no_grad():
+                weight = layer.base_layer.weight
+                weight.copy_((weight.float() + layer.delta_weight()).to(weight.dtype))
     unload_lora(model, merge=False)
     for name, param in model.named_parameters():
         param.requires_grad_(requires_grad[name])

@@ -31,6 +31,9 @@ DEFAULT_HEAD_MODULES: dict[str, tuple[str, ...]] = {
     "distilbert": ("pre_classifier", "classifier"),
 }
 
+# How LoRA factors may start (PEFT's names; "default" is PEFT's True).
+INIT_LORA_WEIGHTS = ("default", "gaussian", "pissa")
+
 
 class LoRAConfigError(LorafitError):
     """A LoRA setting out of its range. Carries the field and the rule, so that
@@ -64,6 +67,9 @@ class LoRAConfig:
         modules_to_save: Modules trained in full and saved with the adapter (the task head).
             ``None`` uses the architecture's default.
         use_rslora: Scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        use_dora: Weight-decomposed LoRA (DoRA): a trained magnitude per output row.
+        init_lora_weights: One of :data:`INIT_LORA_WEIGHTS`: ``"default"`` (PEFT's ``True``),
+            ``"gaussian"`` or ``"pissa"`` (PEFT's names).
 
     Raises:
         LoRAConfigError: naming the first field out of range.
@@ -75,6 +81,8 @@ class LoRAConfig:
     target_modules: list[str] | str | None = None
     modules_to_save: list[str] | None = None
     use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: str = "default"
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int):
@@ -95,6 +103,9 @@ class LoRAConfig:
             self.target_modules = self._names("target_modules", self.target_modules)
         if self.modules_to_save is not None:
             self.modules_to_save = self._names("modules_to_save", self.modules_to_save)
+        if self.init_lora_weights not in INIT_LORA_WEIGHTS:
+            raise LoRAConfigError("init_lora_weights", f"must be one of {', '.join(INIT_LORA_WEIGHTS)}",
+                                  self.init_lora_weights)
 
     @staticmethod
     def _names(field: str, value: Any) -> list[str]:

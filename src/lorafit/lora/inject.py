@@ -105,7 +105,9 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
+        layer = LoRALinear(getattr(parent, child), cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora,
+                           use_dora=cfg.use_dora, init_lora_weights=cfg.init_lora_weights)
+        setattr(parent, child, layer)
     for head in _resolve_heads(model, cfg.modules_to_save or []):
         model.get_submodule(head).requires_grad_(True)
     model.add_module(STATE_NAME, LoRAState(cfg))

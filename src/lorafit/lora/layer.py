@@ -5,7 +5,13 @@ Hu et al. (ICLR 2022), section 4.1: for a frozen weight W0 (out x in) the layer 
     h = W0 x + b + (alpha / r) * B A x,   A: r x in (random),  B: out x r (zeros)
 
 so that the update B A is zero at initialisation and training starts exactly at the pretrained
-model. With rsLoRA (Kalajdzievski, 2023) the scale is alpha / sqrt(r) instead.
+model. With rsLoRA (Kalajdzievski, 2023) the scale is alpha / sqrt(r) instead. Two variants are
+options of the same layer, computed as PEFT computes them:
+
+* DoRA (Liu et al., ICML 2024): W' = m * (W0 + s B A) / ||W0 + s B A||, the norm taken per output
+  row and detached from the gradient (the paper's section 4.3); m starts as ||W0||.
+* PiSSA (Meng et al., NeurIPS 2024): A and B start from the top-r singular triplets of W0, which
+  are subtracted from the frozen weight, so the layer still starts at the pretrained function.
 
 The attribute names (``base_layer``, ``lora_A``, ``lora_B``, ``lora_dropout``) follow PEFT's, so the
 state-dict keys map one to one onto PEFT's adapter files.
@@ -16,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -32,6 +39,9 @@ class LoRALinear(nn.Module):
         alpha: Scaling numerator; the update is multiplied by ``alpha / r``.
         dropout: Dropout probability on the input of the LoRA branch (``nn.Identity`` when 0).
         use_rslora: Scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA) instead of ``alpha / r``.
+        use_dora: Add DoRA's trainable magnitude vector ``lora_magnitude_vector`` (one per output).
+        init_lora_weights: ``"default"`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A ~ N(0, 1/r),
+            B zero) or ``"pissa"`` (A, B from the SVD of the base weight, which keeps the residual).
     """
 
     def __init__(
@@ -41,6 +51,8 @@ class LoRALinear(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: str = "default",
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
@@ -53,8 +65,17 @@ class LoRALinear(nn.Module):
         factory = {"device": base_layer.weight.device}
         self.lora_A = nn.Linear(base_layer.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, **factory)
+        self.init_lora_weights = init_lora_weights
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.ones(base_layer.out_features, **factory))
+        self._dora_norm: torch.Tensor | None = None  # the norm merge() used, which unmerge() needs
         self.merged = False
-        self.reset_lora_parameters()
+        if init_lora_weights == "pissa":
+            self._pissa_init()  # once: it changes the base weight
+        else:
+            self.reset_lora_parameters()
+        self._init_magnitude()
 
     @property
     def in_features(self) -> int:
@@ -74,22 +95,65 @@ class LoRALinear(nn.Module):
         return self.base_layer.bias
 
     def reset_lora_parameters(self) -> None:
-        """A ~ Kaiming-uniform(a=sqrt(5)) and B = 0, as in loralib and PEFT (so delta W = 0)."""
+        """B = 0 and A ~ Kaiming-uniform(a=sqrt(5)) as in loralib and PEFT, or with ``"gaussian"``
+        A ~ N(0, 1/r) as PEFT's option of that name (either way delta W = 0)."""
         if self.lora_A.weight.is_meta:
             return
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if self.init_lora_weights == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def _pissa_init(self) -> None:
+        """W0 = U S V^T: B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T, base weight W0 - s B A
+        (PEFT's ``pissa_init``; dividing by the scale s makes s B A the top-r part of W0 exactly)."""
+        weight = self.base_layer.weight
+        if weight.is_meta:
+            return
+        u, sigma, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+        root = torch.sqrt(sigma[: self.r] / self.scaling)
+        self.lora_A.weight.copy_(root[:, None] * vh[: self.r])
+        self.lora_B.weight.copy_(u[:, : self.r] * root[None, :])
+        weight.copy_((weight.float() - self.scaling * self.lora_B.weight.float() @ self.lora_A.weight.float()).to(weight.dtype))
+
+    @torch.no_grad()
+    def _init_magnitude(self) -> None:
+        """DoRA's m = ||W0 + s B A|| per output row: the layer starts at the pretrained function."""
+        if self.lora_magnitude_vector is not None and not self.lora_A.weight.is_meta:
+            self.lora_magnitude_vector.copy_(self._weight_norm(self.base_layer.weight.float(), self.delta_weight()))
+
+    @staticmethod
+    def _weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.norm(weight + delta, dim=1)
 
     def adapter_params(self) -> list[str]:
         """Names (relative to this module) of the parameters that make up the adapter."""
-        return ["lora_A.weight", "lora_B.weight"]
+        dora = ["lora_magnitude_vector"] if self.lora_magnitude_vector is not None else []
+        return ["lora_A.weight", "lora_B.weight", *dora]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         if self.merged:
             return result
         lora_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        return result + (self.lora_B(self.lora_A(lora_in)) * self.scaling).to(result.dtype)
+        lora_out = self.lora_B(self.lora_A(lora_in)) * self.scaling
+        if self.lora_magnitude_vector is None:
+            return result + lora_out.to(result.dtype)
+        return result + self._dora_extra(lora_in, result, lora_out).to(result.dtype)
+
+    def _dora_extra(self, lora_in: torch.Tensor, result: torch.Tensor, lora_out: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to the base output: (m / ||W + s B A|| - 1) W x + m / ||W + s B A|| s B A x."""
+        weight = self.base_layer.weight.to(lora_in.dtype)
+        with torch.no_grad():  # the norm follows the update but gets no gradient (DoRA section 4.3, as PEFT)
+            norm = self._weight_norm(weight, self.scaling * (self.lora_B.weight @ self.lora_A.weight))
+        scale = self.lora_magnitude_vector / norm
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base_out = result - self.base_layer.bias if self.base_layer.bias is not None else result
+        else:  # as PEFT: with dropout active, the rescaled base term sees the dropped input too
+            base_out = F.linear(lora_in, weight)
+        return (scale - 1) * base_out + scale * lora_out
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -106,7 +170,11 @@ class LoRALinear(nn.Module):
         if self.merged:
             return
         weight = self.base_layer.weight
-        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        merged = weight.float() + self.delta_weight()
+        if self.lora_magnitude_vector is not None:  # DoRA: rescale each row to its magnitude
+            self._dora_norm = self._weight_norm(weight.float(), self.delta_weight())
+            merged = merged * (self.lora_magnitude_vector.float() / self._dora_norm)[:, None]
+        weight.copy_(merged.to(weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -118,8 +186,20 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         weight = self.base_layer.weight
-        weight.copy_((weight.float() - self.delta_weight()).to(weight.dtype))
+        weight.copy_(self.unmerged_weight().to(weight.dtype))
+        self._dora_norm = None
         self.merged = False
 
+    @torch.no_grad()
+    def unmerged_weight(self) -> torch.Tensor:
+        """The base weight without the update (fp32), whether merged or not."""
+        weight = self.base_layer.weight.float()
+        if not self.merged:
+            return weight
+        if self._dora_norm is not None:
+            weight = weight / (self.lora_magnitude_vector.float() / self._dora_norm)[:, None]
+        return weight - self.delta_weight()
+
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        dora = ", dora=True" if self.lora_magnitude_vector is not None else ""
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{dora}, merged={self.merged}"

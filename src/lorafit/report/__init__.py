@@ -40,6 +40,7 @@ from lorafit.report.rows import (
     detect_sections,
     format_count,
     headline_lora,
+    lora_kind,
     task_order,
 )
 from lorafit.report.runs import Group, Run, find_runs, group_runs, load_run
@@ -48,7 +49,7 @@ from lorafit.report.tables import markdown_table, paper_table, runs_table, write
 __all__ = [
     "BEGIN_MARK", "CSV_COLUMNS", "END_MARK", "PAPER_ROWS", "PAPER_SOURCE", "PAPER_TASKS", "Group", "PaperRow",
     "Report", "Row", "Run", "Section", "add_report_arguments", "build_rows", "csv_rows", "detect_sections",
-    "find_runs", "format_count", "group_runs", "headline_lora", "load_run", "make_report", "markdown_table",
+    "find_runs", "format_count", "group_runs", "headline_lora", "load_run", "lora_kind", "make_report", "markdown_table",
     "paper_table", "plot_curves", "plot_lora_vs_full", "plot_rank", "run_report_cli", "runs_table",
     "splice_into", "task_order", "train_command", "write_csv", "write_markdown",
 ]

@@ -8,7 +8,7 @@ from typing import Any
 
 from lorafit.report.paper import PAPER_TASKS
 from lorafit.report.runs import Group
-from lorafit.settings import distinguishing_fields, format_value, freeze
+from lorafit.settings import VARIANT_FIELDS, distinguishing_fields, format_value, freeze
 
 
 @dataclass
@@ -22,15 +22,16 @@ class Row:
     variant: tuple[tuple[str, Any], ...]
     cells: dict[str, Group] = field(default_factory=dict)  # task -> group
     target_order: list[str] | None = None  # the targets as the run named them
+    kind: str = "LoRA"  # the LoRA variant's name (see lora_kind)
 
     @property
     def key(self) -> tuple:
-        return (self.model, self.method, self.rank, self.targets, freeze(list(self.variant)))
+        return (self.model, self.method, self.rank, self.targets, freeze(list(self.variant)), self.kind)
 
     @property
     def label(self) -> str:
         model = self.model.rstrip("/").rsplit("/", 1)[-1]
-        text = f"{model} {'FT' if self.method == 'full' else 'LoRA'}"
+        text = f"{model} {'FT' if self.method == 'full' else self.kind}"
         if self.method == "lora":
             text += f" r={self.rank} ({', '.join(self.target_order or self.targets or ['default'])})"
         for name, value in self.variant:
@@ -57,6 +58,21 @@ class Row:
         return "/".join(counts) or "?"
 
 
+def lora_kind(settings: dict[str, Any]) -> str:
+    """A row's name for the LoRA variant its :data:`VARIANT_FIELDS` make: LoRA, rsLoRA, DoRA, PiSSA,
+    LoRA+ x16, or their combination (rsDoRA, ...)."""
+    name = "PiSSA" if settings.get("init_lora_weights") == "pissa" else "LoRA"
+    if settings.get("use_dora"):
+        name = "DoRA" if name == "LoRA" else f"{name}-DoRA"
+    if settings.get("use_rslora"):
+        name = "rs" + name
+    if settings.get("loraplus_lr_ratio"):
+        name += f"+ x{format_value(settings['loraplus_lr_ratio'])}"
+    if settings.get("init_lora_weights") == "gaussian":
+        name += " (gaussian init)"
+    return name
+
+
 def format_count(n: float) -> str:
     """Parameter counts like the paper (125.0M, 0.3M), with K below 0.1M so small ones stay visible."""
     if n >= 1e5:
@@ -78,12 +94,13 @@ def build_rows(groups: list[Group]) -> list[Row]:
     for g in groups:
         buckets.setdefault((*base(g), g.task), []).append(g.settings)
     extra = distinguishing_fields(
-        buckets.values(), ignore=("task", "model", "method", "rank", "target_modules"))
+        buckets.values(), ignore=("task", "model", "method", "rank", "target_modules", *VARIANT_FIELDS))
     rows: dict[tuple, Row] = {}
     for g in groups:
         model, method, rank, targets = base(g)
         variant = tuple((f, freeze(g.settings.get(f))) for f in extra if f in g.settings)
-        row = Row(model, method, rank, targets, variant, target_order=g.runs[0].targets)
+        kind = lora_kind(g.settings) if method == "lora" else "FT"
+        row = Row(model, method, rank, targets, variant, target_order=g.runs[0].targets, kind=kind)
         row = rows.setdefault(row.key, row)
         row.cells[g.task] = g
     return sorted(rows.values(), key=_row_order)
@@ -94,7 +111,7 @@ def _row_order(row: Row) -> tuple:
     variant = tuple((name, (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)))
                     for name, v in row.variant)
     return (row.model, row.method != "full", not row.is_default_targets, row.targets or (), row.rank or 0,
-            variant)
+            row.kind != "LoRA", row.kind, variant)
 
 
 def task_order(tasks: set[str] | list[str]) -> list[str]:
@@ -126,6 +143,7 @@ def headline_lora(rows: list[Row]) -> tuple[list[Row], bool]:
     picked, paper_setting = [], True
     for model in dict.fromkeys(r.model for r in rows if r.method == "lora"):
         lora = [r for r in rows if r.method == "lora" and r.model == model]
+        lora = [r for r in lora if r.kind == "LoRA"] or lora  # the variants get their own table
         best = [r for r in lora if r.rank == 8 and r.is_default_targets]
         paper_setting &= bool(best)
         picked += best or [r for r in lora if r.is_default_targets] or lora
@@ -133,11 +151,12 @@ def headline_lora(rows: list[Row]) -> tuple[list[Row], bool]:
 
 
 def detect_sections(rows: list[Row]) -> list[Section]:
-    """The main comparison, the rank ablation, the target ablation, and whatever is left over.
+    """The main comparison, the rank and target ablations, the LoRA variants, and whatever is left over.
 
     Main: full fine-tuning and LoRA at the paper's setting (see :func:`headline_lora`). Rank
     ablation: LoRA rows equal but for the rank (2+ ranks). Target ablation: LoRA rows equal but
-    for the target modules (2+ sets). Every row appears in at least one table.
+    for the target modules (2+ sets). Variants: LoRA rows equal but for the variant (rsLoRA, DoRA,
+    LoRA+, PiSSA), with full fine-tuning. Every row appears in at least one table.
     """
     sections = []
     shown: set[tuple] = set()
@@ -154,9 +173,9 @@ def detect_sections(rows: list[Row]) -> list[Section]:
     lora = [r for r in rows if r.method == "lora"]
     for title, intro, same, differ in (
         ("Rank ablation", "LoRA rows that differ only in the rank r.",
-         lambda r: (r.model, r.targets, r.variant), lambda r: r.rank),
+         lambda r: (r.model, r.targets, r.variant, r.kind), lambda r: r.rank),
         ("Target-module ablation", "LoRA rows that differ only in which weight matrices are adapted.",
-         lambda r: (r.model, r.rank, r.variant), lambda r: r.targets),
+         lambda r: (r.model, r.rank, r.variant, r.kind), lambda r: r.targets),
     ):
         series: dict[tuple, list[Row]] = {}
         for r in lora:
@@ -165,6 +184,16 @@ def detect_sections(rows: list[Row]) -> list[Section]:
         if picked:
             sections.append(Section(title, intro, picked, shared_tasks_only=True))
             shown |= {r.key for r in picked}
+    kinds: dict[tuple, list[Row]] = {}
+    for r in lora:
+        kinds.setdefault((r.model, r.rank, r.targets), []).append(r)
+    variants = [r for s in kinds.values() if len({r.kind for r in s}) > 1 for r in s]
+    if variants:
+        models = {r.model for r in variants}
+        sections.append(Section("LoRA variants", "LoRA and its variants (rsLoRA, DoRA, LoRA+, PiSSA) at the same rank "
+                                "and targets, beside full fine-tuning.",
+                                [r for r in full if r.model in models] + variants, shared_tasks_only=True))
+        shown |= {r.key for r in variants}
     rest = [r for r in rows if r.key not in shown]
     if rest:
         sections.append(Section("Other configurations" if sections else "Results",

@@ -14,6 +14,9 @@ A grid is given as a YAML file (``--grid FILE``, or the name of a grid shipped i
       rank: [1, 2, 4, 8]
       target_modules: [[query, value], [query, key]]   # null: the architecture's default
       seed: [0, 1, 2]
+      settings:                            #   an axis of setting bundles (e.g. LoRA variants), applied
+        - {}                               #   after the other axes: a bundle may pin a field they vary
+        - {use_dora: true, learning_rate: 1.0e-3}
     overrides:                             # FIELD: {VALUE: settings for the cells where FIELD is VALUE}
       method:
         full: {learning_rate: 5.0e-5}

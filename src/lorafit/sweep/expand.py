@@ -11,7 +11,7 @@ from typing import Any
 
 from lorafit.config import LORA_ONLY, RUNTIME_KEYS, TrainConfig, field_defaults, load_recipe, make_config
 from lorafit.errors import LorafitError
-from lorafit.settings import distinguishing_fields, format_value, freeze
+from lorafit.settings import VARIANT_FIELDS, distinguishing_fields, format_value, freeze
 from lorafit.sweep.grid import Cell, Grid
 
 # Short names for the fields that most often tell cells apart in a directory name.
@@ -20,6 +20,7 @@ ABBREVIATIONS = {
     "learning_rate": "lr", "batch_size": "bs", "epochs": "ep", "max_steps": "steps", "alpha": "alpha",
     "weight_decay": "wd", "warmup_ratio": "warmup", "lora_dropout": "dropout", "max_length": "len",
     "max_train_samples": "n", "grad_accum": "accum", "classifier_dropout": "cdrop",
+    "init_lora_weights": "init", "loraplus_lr_ratio": "loraplus",
 }
 # Axis flags: (flag, alias, field). The alias takes the same comma-separated list.
 
@@ -147,8 +148,10 @@ def _expand(grid: Grid) -> tuple[list[Cell], list[tuple[str, Any]]]:
     for combo in itertools.product(*(grid.axes[n] for n in names)):
         point = dict(zip(names, combo))
         where = f"{grid.source}: cell {_describe(point)}"
-        recipe = recipe_values(point.get("recipe", grid.base.get("recipe")))
-        before = {**defaults, **recipe, **grid.base, **point}
+        flat = {k: v for k, v in point.items() if k != "settings"}
+        flat.update(point.get("settings") or {})  # a bundle comes after the other axes
+        recipe = recipe_values(flat.get("recipe", grid.base.get("recipe")))
+        before = {**defaults, **recipe, **grid.base, **flat}
         changes: dict[str, tuple[Any, str]] = {}
         for fieldname, by_value in grid.overrides.items():
             for key, settings in by_value.items():
@@ -161,7 +164,7 @@ def _expand(grid: Grid) -> tuple[list[Cell], list[tuple[str, Any]]]:
                         raise LorafitError(
                             f"{where}: {changes[k][1]} and {origin} both set {k!r}, to different values")
                     changes[k] = (v, origin)
-        settings = {**grid.base, **point, **{k: v for k, (v, _) in changes.items()}}
+        settings = {**grid.base, **flat, **{k: v for k, (v, _) in changes.items()}}
         values = {**recipe_values(settings.pop("recipe", None)), **settings}
         if values.get("method", defaults["method"]) == "full":
             for k in LORA_ONLY:
@@ -199,7 +202,8 @@ def _name_cells(grid: Grid, cells: list[tuple[dict[str, Any], TrainConfig]]) -> 
     for point, cfg in cells:
         task, method, seed = _base_name(cfg)
         tags = [_name_part(f, getattr(cfg, f)) for f in extra
-                if not (cfg.method == "full" and f in LORA_ONLY)]
+                if not (cfg.method == "full" and f in LORA_ONLY)
+                and not (f in VARIANT_FIELDS and getattr(cfg, f) == field_defaults()[f])]
         model = _safe(Path(cfg.model).name or cfg.model) if vary_model else ""
         name = "/".join(([model] if model else []) + [task, "-".join([method, *tags]), seed])
         if name in seen:

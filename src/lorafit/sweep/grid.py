@@ -117,6 +117,10 @@ def _check_axes(axes: Any, where: str) -> dict[str, list[Any]]:
             if not names_ok:
                 raise LorafitError(
                     f"{where}.recipe: expected a non-empty list of recipe names, got {values!r}")
+        elif key == "settings":  # an axis of bundles of settings: e.g. one per LoRA variant
+            if not isinstance(values, list) or not values:
+                raise LorafitError(f"{where}.settings: expected a non-empty list of mappings, got {values!r}")
+            values = [_check_settings(v, f"{where}.settings[{i}]") for i, v in enumerate(values)]
         elif key not in FIELD_NAMES:
             raise LorafitError(f"{where}: unknown field {key!r} (known: see `lorafit train --help`)")
         if key in PER_RUN_KEYS or key in RUNTIME_KEYS:
