@@ -74,7 +74,8 @@ class TrainConfig:
     log_steps: int = field(default=20, metadata=_help("update the progress bar's loss every N steps"))
     num_threads: int | None = field(default=None, metadata=_help("CPU threads for torch (default: torch's choice)"))
     trust_remote_code: bool = field(default=False, metadata=_help("allow model code from the Hub (off unless asked for)"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar"))
+    progress: bool = field(default=True, metadata=_help("show progress bars"))
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = field(default="none", metadata=_help("log loss, learning rate, speed and dev metrics to this tracker (through Accelerate); tensorboard writes <run>/tensorboard/"))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -112,7 +113,8 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise LorafitError(f"{flag(name)} must be in [0, 1), got {value!r}")
         for name, allowed in (("method", ("lora", "full")), ("precision", ("fp32", "bf16", "fp16")),
-                              ("task_type", ("classification", "regression"))):
+                              ("task_type", ("classification", "regression")),
+                              ("report_to", ("none", "tensorboard", "wandb", "mlflow"))):
             if getattr(self, name) not in allowed:
                 raise LorafitError(f"{flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.method == "full" and self.init_adapter:
@@ -145,7 +147,7 @@ class TrainConfig:
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
 # Keys that describe how a run is executed, not what is trained: never taken from a recipe.
-RUNTIME_KEYS = {"output_dir", "overwrite", "resume", "progress", "num_threads"}
+RUNTIME_KEYS = {"output_dir", "overwrite", "resume", "progress", "num_threads", "report_to"}
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lorafit import __version__
+from lorafit.card import card_facts, write_card
 from lorafit.config import TrainConfig
 from lorafit.data import Encoded, TaskSpec, batch_order, collate, custom_task, encode_split, eval_batches
 from lorafit.data import TASKS, get_task, load_custom, load_split
@@ -32,8 +33,9 @@ from lorafit.io import atomic_write_json, read_json
 from lorafit.lora import LoRAConfig, count_parameters, inject_lora, save_adapter
 from lorafit.lora.adapter import load_lora_weights
 from lorafit.metrics import compute_metrics
-from lorafit.models import display_name, load_model, load_tokenizer
+from lorafit.models import display_name, hf_progress_bars, load_model, load_tokenizer
 from lorafit.run import RunDir
+from lorafit.tracking import accelerator_kwargs, check_tracker, start_tracking
 
 # Parameters whose names contain these are not weight-decayed (as in BERT and the HF scripts).
 NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight")
@@ -186,17 +188,21 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
         raise LorafitError("--precision fp16 needs a GPU; on the CPU use bf16 or fp32")
     run = RunDir(Path(cfg.output_dir or Path("runs") / cfg.run_name()))
     run.check(cfg)
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision))
+    check_tracker(cfg.report_to)
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
+                              **accelerator_kwargs(cfg, run.path))
     set_seed(cfg.seed)
 
     task = resolve_task(cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_data, evals = load_data(cfg, task, tokenizer)
-    model = build_model(cfg, task)
+    with hf_progress_bars(cfg.progress):
+        model = build_model(cfg, task)
     counts = count_parameters(model)
     optimizer = make_optimizer(model, cfg)
     run.start(cfg)
+    start_tracking(accelerator, cfg, run.path)
 
     micro_per_epoch = len(_shard(batch_order(len(train_data), cfg.batch_size, cfg.seed, 0), accelerator))
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
@@ -232,7 +238,8 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
             optimizer.zero_grad(set_to_none=True)
             progress.advance(group, train_data.lengths, epoch_done=start + len(group) >= len(order))
             if progress.step % cfg.log_steps == 0 or progress.step == total_steps:
-                _log(bar, running_loss, progress, scheduler, started, cfg.log_steps)
+                accelerator.log(_log(bar, running_loss, progress, scheduler, started, cfg.log_steps),
+                                step=progress.step)
             bar.update(1)
             at_eval = progress.step % eval_every == 0 or progress.step == total_steps
             if at_eval:
@@ -248,6 +255,7 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
             if progress.step >= total_steps:
                 break
     bar.close()
+    accelerator.end_training()
     progress.train_seconds = time.perf_counter() - started
     summary = _summary(cfg, task, counts, progress, accelerator)
     if accelerator.is_main_process:
@@ -280,12 +288,17 @@ def _accumulate(model: nn.Module, accelerator: Any, data: Encoded, group: list[n
     return total
 
 
-def _log(bar: Any, running_loss: torch.Tensor, progress: Progress, scheduler: Any, started: float, every: int) -> None:
+def _log(bar: Any, running_loss: torch.Tensor, progress: Progress, scheduler: Any, started: float,
+         every: int) -> dict[str, float]:
+    """Show loss, learning rate and speed on the bar; return them for the tracker."""
     elapsed = max(time.perf_counter() - started, 1e-9)
     count = progress.step % every or every
-    bar.set_postfix(loss=f"{running_loss.item() / count:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                    ex_s=f"{progress.examples / elapsed:.0f}")
+    values = {"train/loss": running_loss.item() / count, "train/learning_rate": scheduler.get_last_lr()[0],
+              "train/examples_per_second": progress.examples / elapsed}
+    bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/learning_rate']:.2e}",
+                    ex_s=f"{values['train/examples_per_second']:.0f}")
     running_loss.zero_()
+    return values
 
 
 def _progress_bar(cfg: TrainConfig, total: int, initial: int, accelerator: Any):
@@ -304,17 +317,22 @@ def _evaluate_and_keep_best(cfg, run, accelerator, model, evals, task, pad_id, p
     if improved:
         progress.best_metric, progress.best_epoch, progress.best_step = value, epoch, progress.step
         progress.best_metrics = metrics
+    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.step)
     if not accelerator.is_main_process:
         return
     run.append_metrics({"step": progress.step, "epoch": epoch, **metrics,
                         "train_seconds": round(progress.train_seconds, 2), "best": improved})
     if improved:
         model = accelerator.unwrap_model(model)
+        facts = card_facts(cfg, task, metrics, epoch)
         if cfg.method == "lora":
-            save_adapter(model, run.adapter, _adapter_metadata(cfg, task))
+            # The card's facts ride in the metadata so that `lorafit merge` can card the merged model.
+            save_adapter(model, run.adapter, {**_adapter_metadata(cfg, task), "card": facts})
+            write_card(run.adapter, facts, "peft")
         else:
             model.save_pretrained(run.model)
             tokenizer.save_pretrained(run.model)
+            write_card(run.model, facts, "transformers")
 
 
 def _adapter_metadata(cfg: TrainConfig, task: TaskSpec) -> dict[str, Any]:
