@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,7 +93,7 @@ def test_predict_split_test_writes_the_task_file(tiny_runs, tmp_path, capsys, on
     assert main(["predict", str(tiny_runs["rte"]), "--split", "test", "--output", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {out / 'RTE.tsv'}"
     header, body = read_tsv((out / "RTE.tsv").read_text())
-    assert len(body) == 3_000 and {row[1] for row in body} <= {"entailment", "not_entailment"}
+    assert header == ["index", "prediction"] and len(body) == 3_000 and {row[1] for row in body} <= {"entailment", "not_entailment"}
     # A second run refuses to replace the file unless asked.
     assert main(["predict", str(tiny_runs["rte"]), "--split", "test", "--output", str(out)]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err

@@ -13,9 +13,9 @@ from lorafit.train import train
 
 
 def tiny(tiny_model_dir, tmp_path, **changes):
-    settings = dict(task="rte", model=str(tiny_model_dir), max_train_samples=32, max_eval_samples=16,
-                    batch_size=8, max_length=64, max_steps=4, eval_steps=2, log_steps=1, progress=False,
-                    output_dir=str(tmp_path / "run"))
+    settings = {"task": "rte", "model": str(tiny_model_dir), "max_train_samples": 32, "max_eval_samples": 16,
+                "batch_size": 8, "max_length": 64, "max_steps": 4, "eval_steps": 2, "log_steps": 1,
+                "progress": False, "output_dir": str(tmp_path / "run")}
     return make_config(**{**settings, **changes})
 
 
