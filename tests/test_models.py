@@ -24,8 +24,6 @@ from lorafit.models import (
     shipped_config,
 )
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=99)
-
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
@@ -134,12 +132,12 @@ def test_build_on_meta_allocates_nothing():
         ("deberta-v2-xlarge", {"attention_head_size": 8, "pooler_hidden_size": 32, "position_buckets": 8}),
     ],
 )
-def test_build_tiny_runnable_model_with_overrides(name, extra):
+def test_build_tiny_runnable_model_with_overrides(name, extra, tiny_model_config):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: thread hand-offs would cost more than the work
     try:
         torch.manual_seed(0)
-        model = build_from_config(name, device="cpu", **TINY, **extra).eval()
+        model = build_from_config(name, device="cpu", **tiny_model_config, **extra).eval()
         assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 32
         assert not any(p.is_meta for p in model.parameters())
         with torch.no_grad():
@@ -150,7 +148,7 @@ def test_build_tiny_runnable_model_with_overrides(name, extra):
     assert torch.isfinite(logits).all()
 
 
-def test_build_from_a_config_dict():
-    model = build_from_config({"model_type": "bert", **TINY}, num_labels=5, device="cpu")
+def test_build_from_a_config_dict(tiny_model_config):
+    model = build_from_config({"model_type": "bert", **tiny_model_config}, num_labels=5, device="cpu")
     assert isinstance(model, BertForSequenceClassification)
     assert model.classifier.out_features == 5

@@ -33,8 +33,6 @@ from lorafit.report import (
 from lorafit.sweep import Grid, run_sweep
 
 PNG = b"\x89PNG\r\n\x1a\n"
-TINY_BASE = {"max_steps": 3, "max_train_samples": 16, "batch_size": 8, "max_eval_samples": 16, "max_length": 32,
-             "num_threads": 1, "progress": False}
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -52,11 +50,11 @@ def table_line(md: str, label: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory) -> dict[str, Path]:
+def real(tmp_path_factory, tiny_cell) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("real")
-    run_sweep(Grid(str(root / "lora"), base=dict(TINY_BASE), axes={"rank": [1, 2], "seed": [0, 1]}),
+    run_sweep(Grid(str(root / "lora"), base=dict(tiny_cell), axes={"rank": [1, 2], "seed": [0, 1]}),
               echo=lambda s: None)
-    run_sweep(Grid(str(root / "full"), base={**TINY_BASE, "method": "full", "learning_rate": 5e-5},
+    run_sweep(Grid(str(root / "full"), base={**tiny_cell, "method": "full", "learning_rate": 5e-5},
                    axes={"seed": [0]}), echo=lambda s: None)
     return {"root": root, "lora": root / "lora", "full": root / "full"}
 

@@ -1,7 +1,8 @@
 """lorafit sweep: grid files and flags, cell expansion and naming, validation, and resuming.
 
-The end-to-end test trains a real 2 ranks x 2 seeds sweep on the CPU (3 steps per cell on 16 MRPC
-examples), kills it half-way with SIGKILL, runs the same command again, and reports on it.
+The end-to-end test (marked slow) trains a real 2 ranks x 2 seeds sweep on the CPU (3 steps per cell on
+16 MRPC examples) in a subprocess, kills it half-way with SIGKILL, runs the same command again, and
+reports on it; the default suite resumes a sweep in-process instead.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ from lorafit.sweep import (
 # Tiny, fast cells: 16 training examples in batches of 8 (2 steps an epoch), 3 steps, 16 dev examples.
 TINY = ["--max-steps", "3", "--max-train-samples", "16", "--batch-size", "8", "--max-eval-samples", "16",
         "--max-length", "32", "--num-threads", "1", "--no-progress"]
-TINY_BASE = {"max_steps": 3, "max_train_samples": 16, "batch_size": 8, "max_eval_samples": 16, "max_length": 32,
-             "num_threads": 1, "progress": False}
 
 
 def parse(*argv: str):
@@ -165,8 +164,8 @@ def test_resolved_grid_file_reloads_to_the_same_cells(tmp_path: Path) -> None:
 
 
 def test_shipped_grids_name_themselves_and_expand() -> None:
-    assert list_grids() == ["minilm-ablation", "minilm-cpu-head", "minilm-cpu-main", "minilm-cpu-rank",
-                            "minilm-cpu-targets", "minilm-main", "smoke"]
+    assert list_grids() == ["minilm-ablation", "minilm-conv-lr-full", "minilm-conv-lr-lora", "minilm-cpu-head",
+                            "minilm-cpu-main", "minilm-cpu-rank", "minilm-cpu-targets", "minilm-main", "smoke"]
     for name in list_grids():
         path = grid_root() / f"{name}.yaml"
         first = path.read_text(encoding="utf-8").splitlines()[0]
@@ -188,6 +187,8 @@ def test_shipped_grids_name_themselves_and_expand() -> None:
     assert cpu["cola/full/seed1"].learning_rate == 5e-5 and cpu["cola/lora-r8/seed1"].learning_rate == 5e-4
     assert len(expand(load_grid("minilm-cpu-rank"))) == 20 and len(expand(load_grid("minilm-cpu-targets"))) == 4
     assert len(expand(load_grid("minilm-cpu-head"))) == 2 * 3
+    # The converged protocol's learning-rate searches: 5 tasks x 3 learning rates, one seed.
+    assert len(expand(load_grid("minilm-conv-lr-lora"))) == len(expand(load_grid("minilm-conv-lr-full"))) == 15
 
 
 def test_a_recipe_axis_and_a_recipe_flag(tmp_path: Path) -> None:
@@ -277,26 +278,26 @@ def _fake_started_cell(cell, **changes) -> None:
     (cell.path / "config.yaml").write_text(yaml.safe_dump(cell.config.replace(**changes).to_dict()), encoding="utf-8")
 
 
-def test_a_sweep_dir_with_another_grid_is_refused_unless_overwrite(tmp_path: Path) -> None:
+def test_a_sweep_dir_with_another_grid_is_refused_unless_overwrite(tmp_path: Path, tiny_cell) -> None:
     out = tmp_path / "sw"
-    first = Grid(str(out), base=dict(TINY_BASE), axes={"rank": [1, 2], "seed": [0]})
+    first = Grid(str(out), base=dict(tiny_cell), axes={"rank": [1, 2], "seed": [0]})
     cells = expand(first)
     out.mkdir()
     (out / SWEEP_FILE).write_text(resolved(first).to_yaml(cells), encoding="utf-8")
     _fake_started_cell(cells[0])
     # Settings changed under an existing run: refused, nothing touched.
-    changed = Grid(str(out), base={**TINY_BASE, "epochs": 5.0}, axes={"rank": [1, 2], "seed": [0]})
+    changed = Grid(str(out), base={**tiny_cell, "epochs": 5.0}, axes={"rank": [1, 2], "seed": [0]})
     with pytest.raises(LorafitError, match=r"1 run\(s\) there were trained with other epochs \(e.g. mrpc/lora-r1/seed0\).*--overwrite"):
         run_sweep(changed, echo=lambda s: None)
     # A grid that drops cells of the recorded one: refused too.
-    fewer = Grid(str(out), base=dict(TINY_BASE), axes={"rank": [1], "seed": [0]})
+    fewer = Grid(str(out), base=dict(tiny_cell), axes={"rank": [1], "seed": [0]})
     with pytest.raises(LorafitError, match=r"1 cell\(s\) of .*sweep.yaml are not in this grid \(e.g. mrpc/lora-r2/seed0\)"):
         run_sweep(fewer, echo=lambda s: None)
     assert (cells[0].path / "config.yaml").exists()
     # Adding cells (more seeds) is fine: check_sweep_dir finds nothing to delete.
     from lorafit.sweep import check_sweep_dir
 
-    more = Grid(str(out), base=dict(TINY_BASE), axes={"rank": [1, 2], "seed": [0, 1]})
+    more = Grid(str(out), base=dict(tiny_cell), axes={"rank": [1, 2], "seed": [0, 1]})
     assert check_sweep_dir(more, expand(more), overwrite=False) == []
     # --overwrite deletes exactly the runs that are in the way.
     assert check_sweep_dir(changed, expand(changed), overwrite=True) == [cells[0].path]
@@ -305,15 +306,16 @@ def test_a_sweep_dir_with_another_grid_is_refused_unless_overwrite(tmp_path: Pat
 # -- running ----------------------------------------------------------------------------------
 
 
-def test_sweep_resumes_a_checkpointed_cell_and_restarts_one_killed_before_its_checkpoint(tmp_path: Path) -> None:
+def test_sweep_resumes_a_checkpointed_cell_and_restarts_one_killed_before_its_checkpoint(
+        tmp_path: Path, tiny_cell, interrupt_after) -> None:
     from lorafit.train import train
 
     out = tmp_path / "sw"
-    grid = Grid(str(out), base=dict(TINY_BASE), axes={"rank": [1], "seed": [0, 1]})
+    grid = Grid(str(out), base=dict(tiny_cell), axes={"rank": [1], "seed": [0, 1]})
     seed0, seed1 = expand(grid)
     # seed0: interrupted after step 2, i.e. after the end-of-epoch evaluation and checkpoint.
-    with pytest.raises(KeyboardInterrupt):
-        train(seed0.config, _interrupt_after_step=2)
+    with interrupt_after(2), pytest.raises(KeyboardInterrupt):
+        train(seed0.config)
     assert (seed0.path / "checkpoint" / "state.json").exists() and not (seed0.path / "summary.json").exists()
     # seed1: stopped before its first checkpoint, with a stray metrics line.
     _fake_started_cell(seed1)
@@ -341,6 +343,7 @@ def _count_finished(root: Path) -> int:
     return sum(1 for _ in root.rglob("summary.json"))
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_retraining_and_reports(tmp_path: Path) -> None:
     """The issue's acceptance test: 2 ranks x 2 seeds, SIGKILL half-way, rerun, report."""
     out = tmp_path / "sweep"
@@ -364,7 +367,7 @@ def test_killed_sweep_resumes_without_retraining_and_reports(tmp_path: Path) -> 
     assert 1 <= len(finished) < 4, log.read_text()
     assert (out / SWEEP_FILE).is_file()
 
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    second = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert second.returncode == 0, second.stdout + second.stderr
     for run_dir, mtime in finished.items():  # finished cells were skipped, not trained again
         assert (run_dir / "summary.json").stat().st_mtime_ns == mtime
@@ -374,7 +377,7 @@ def test_killed_sweep_resumes_without_retraining_and_reports(tmp_path: Path) -> 
     assert "4/4 cells finished" in second.stdout
     assert "2/2" in second.stdout.splitlines()[-2]  # the live summary: both seeds of the last configuration
 
-    report = subprocess.run([sys.executable, "-m", "lorafit.cli", "report", str(out)], capture_output=True,
+    report = subprocess.run([sys.executable, "-m", "lorafit.cli", "report", str(out)], check=False, capture_output=True,
                             text=True, env=env, cwd=tmp_path, timeout=600)
     assert report.returncode == 0, report.stdout + report.stderr
     folder = out / "report"
@@ -408,9 +411,10 @@ def test_killed_sweep_resumes_without_retraining_and_reports(tmp_path: Path) -> 
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
 
 
+@pytest.mark.slow
 def test_parallel_jobs_finish_every_cell(tmp_path, capfd):
     from lorafit.run import RunDir
-    from lorafit.sweep import expand, find_grid, load_grid, run_sweep
+    from lorafit.sweep import find_grid
 
     grid = load_grid(find_grid("smoke"))
     grid.output_dir = str(tmp_path / "sweep")

@@ -8,16 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lorafit.cli import train_seeds
 from lorafit.config import make_config
 from lorafit.errors import LorafitError
-from lorafit.train import linear_schedule, make_optimizer, train, train_seeds
-
-TINY = dict(task="rte", max_train_samples=48, max_eval_samples=24, batch_size=8, eval_batch_size=32,
-            max_length=64, progress=False, num_threads=2)
-
-
-def tiny(tmp_path, name="run", **changes):
-    return make_config(**{**TINY, "output_dir": str(tmp_path / name), **changes})
+from lorafit.train import linear_schedule, make_optimizer, train
 
 
 def test_linear_schedule_warms_up_then_decays_to_zero():
@@ -33,11 +27,11 @@ def test_linear_schedule_warms_up_then_decays_to_zero():
     assert opt.param_groups[0]["lr"] == 0.0  # the seed project's LinearLR never decayed
 
 
-def test_optimizer_decays_weights_but_not_biases_or_layernorm(tmp_path):
+def test_optimizer_decays_weights_but_not_biases_or_layernorm(tmp_path, tiny_run):
     from lorafit.data import get_task
     from lorafit.train import build_model
 
-    cfg = tiny(tmp_path, method="full", weight_decay=0.1)
+    cfg = tiny_run(method="full", weight_decay=0.1)
     model = build_model(cfg, get_task("rte"))
     opt = make_optimizer(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -49,8 +43,8 @@ def test_optimizer_decays_weights_but_not_biases_or_layernorm(tmp_path):
     assert not any(n.endswith("bias") for n in decayed)
 
 
-def test_lora_run_writes_run_directory_and_trains_only_adapter_and_head(tmp_path):
-    summary = train(tiny(tmp_path, max_steps=6, eval_steps=3))
+def test_lora_run_writes_run_directory_and_trains_only_adapter_and_head(tmp_path, tiny_run):
+    summary = train(tiny_run(max_steps=6, eval_steps=3))
     run = tmp_path / "run"
     assert summary["status"] == "finished" and summary["steps"] == 6
     counts = summary["trainable_parameters"]
@@ -67,14 +61,16 @@ def test_lora_run_writes_run_directory_and_trains_only_adapter_and_head(tmp_path
     assert "base_model.model.classifier.weight" in saved
     assert (run / "checkpoint" / "state.json").exists()
     assert json.loads((run / "summary.json").read_text())["best_metric"] == summary["best_metric"]
+    # The embedded model's folder exists only on this machine: the adapter names its Hub id.
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def test_lora_b_and_head_move_while_base_stays(tmp_path):
-    from lorafit.data import get_task
+def test_lora_b_and_head_move_while_base_stays(tmp_path, tiny_run):
     from lorafit.lora import load_adapter
     from lorafit.models import load_model
 
-    train(tiny(tmp_path, max_steps=4, eval_steps=4, learning_rate=1e-3))
+    train(tiny_run(max_steps=4, eval_steps=4, learning_rate=1e-3))
     base, _ = load_model("minilm", 2)
     reference = {k: v.clone() for k, v in base.state_dict().items()}
     load_adapter(base, tmp_path / "run" / "adapter")
@@ -82,17 +78,18 @@ def test_lora_b_and_head_move_while_base_stays(tmp_path):
         assert layer.lora_B.weight.abs().sum() > 0, name
         assert torch.equal(layer.base_layer.weight, reference[f"{name}.weight"]), name
     assert not torch.equal(base.classifier.weight, reference["classifier.weight"])
-    assert get_task("rte").num_labels == base.config.num_labels
 
 
-def test_resume_after_interruption_is_bit_identical(tmp_path):
-    common = dict(max_steps=12, eval_steps=6, save_steps=4, lora_dropout=0.1)
-    train(tiny(tmp_path, "straight", **common))
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny(tmp_path, "resumed", **common), _interrupt_after_step=10)  # last checkpoint: step 8
+def test_resume_after_interruption_is_bit_identical(tmp_path, tiny_run, interrupt_after):
+    common = {"max_steps": 12, "eval_steps": 6, "save_steps": 4, "lora_dropout": 0.1}
+    train(tiny_run("straight", **common))
+    with interrupt_after(10), pytest.raises(KeyboardInterrupt):  # the last checkpoint: step 8
+        train(tiny_run("resumed", **common))
     state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 8
-    train(tiny(tmp_path, "resumed", resume=True, **common))
+    # How often it logs and checkpoints may change on --resume (other threads or eval batches would
+    # too, but they change float rounding, so not here, where the result must be bit-identical).
+    train(tiny_run("resumed", resume=True, **{**common, "log_steps": 3, "save_steps": 5}))
     a = load_file(tmp_path / "straight" / "checkpoint" / "trainable.safetensors")
     b = load_file(tmp_path / "resumed" / "checkpoint" / "trainable.safetensors")
     assert a.keys() == b.keys()
@@ -100,11 +97,11 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
         assert torch.equal(a[key], b[key]), key
     lines_a = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
     lines_b = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
-    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "train_seconds"}  # noqa: E731
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k != "train_seconds"}
     assert [strip(x) for x in lines_a] == [strip(x) for x in lines_b]
 
 
-def test_gradient_accumulation_matches_the_bigger_batch(tmp_path, monkeypatch):
+def test_gradient_accumulation_matches_the_bigger_batch(tmp_path, monkeypatch, tiny_run):
     import lorafit.train as train_module
 
     build = train_module.build_model
@@ -119,9 +116,9 @@ def test_gradient_accumulation_matches_the_bigger_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "build_model", without_dropout)
     # Batches of 4 and of 8 are cut from the same shuffled order, so one step of 2 x 4
     # accumulated examples sees exactly the 8 examples of one big-batch step.
-    common = dict(max_steps=2, eval_steps=2, group_by_length=False, learning_rate=1e-3)
-    train(tiny(tmp_path, "big", batch_size=8, **common))
-    train(tiny(tmp_path, "accum", batch_size=4, grad_accum=2, **common))
+    common = {"max_steps": 2, "eval_steps": 2, "group_by_length": False, "learning_rate": 1e-3}
+    train(tiny_run("big", batch_size=8, **common))
+    train(tiny_run("accum", batch_size=4, grad_accum=2, **common))
     a = load_file(tmp_path / "big" / "checkpoint" / "trainable.safetensors")
     b = load_file(tmp_path / "accum" / "checkpoint" / "trainable.safetensors")
     moved = 0.0
@@ -133,15 +130,15 @@ def test_gradient_accumulation_matches_the_bigger_batch(tmp_path, monkeypatch):
     assert moved > 0
 
 
-def test_full_finetuning_saves_a_plain_model(tmp_path):
-    summary = train(tiny(tmp_path, method="full", max_steps=2, eval_steps=2, learning_rate=5e-5))
+def test_full_finetuning_saves_a_plain_model(tmp_path, tiny_run):
+    summary = train(tiny_run(method="full", max_steps=2, eval_steps=2, learning_rate=5e-5))
     assert summary["trainable_parameters"]["trainable"] == summary["trainable_parameters"]["total"]
     assert (tmp_path / "run" / "model" / "config.json").exists()
     assert not (tmp_path / "run" / "adapter").exists()
 
 
-def test_seeds_give_one_run_each_and_the_median(tmp_path):
-    cfg = tiny(tmp_path, "multi", max_steps=2, eval_steps=2, seeds=[1, 2, 3])
+def test_seeds_give_one_run_each_and_the_median(tmp_path, tiny_run):
+    cfg = tiny_run("multi", max_steps=2, eval_steps=2, seeds=[1, 2, 3])
     result = train_seeds(cfg)
     assert result["seeds"] == [1, 2, 3] and len(result["values"]) == 3
     assert result["median"] == sorted(result["values"])[1]
@@ -149,23 +146,23 @@ def test_seeds_give_one_run_each_and_the_median(tmp_path):
         assert json.loads((tmp_path / "multi" / f"seed-{seed}" / "summary.json").read_text())["seed"] == seed
 
 
-def test_finished_run_is_not_overwritten_without_flag(tmp_path):
-    train(tiny(tmp_path, max_steps=1, eval_steps=1))
+def test_finished_run_is_not_overwritten_without_flag(tmp_path, tiny_run):
+    train(tiny_run(max_steps=1, eval_steps=1))
     before = (tmp_path / "run" / "summary.json").read_text()
     with pytest.raises(LorafitError, match="finished run.*--overwrite"):
-        train(tiny(tmp_path, max_steps=1, eval_steps=1))
+        train(tiny_run(max_steps=1, eval_steps=1))
     assert (tmp_path / "run" / "summary.json").read_text() == before
-    train(tiny(tmp_path, max_steps=1, eval_steps=1, overwrite=True))
+    train(tiny_run(max_steps=1, eval_steps=1, overwrite=True))
 
 
-def test_init_adapter_copies_lora_factors_but_not_the_head(tmp_path):
+def test_init_adapter_copies_lora_factors_but_not_the_head(tmp_path, tiny_run):
     from lorafit.data import get_task
     from lorafit.lora import lora_layers
     from lorafit.train import build_model
 
-    train(tiny(tmp_path, "first", max_steps=3, eval_steps=3, learning_rate=1e-3))
+    train(tiny_run("first", max_steps=3, eval_steps=3, learning_rate=1e-3))
     first = load_file(tmp_path / "first" / "adapter" / "adapter_model.safetensors")
-    cfg = tiny(tmp_path, "second", task="mrpc", init_adapter=str(tmp_path / "first" / "adapter"))
+    cfg = tiny_run("second", task="mrpc", init_adapter=str(tmp_path / "first" / "adapter"))
     model = build_model(cfg, get_task("mrpc"))
     for name, layer in lora_layers(model):
         assert torch.equal(layer.lora_B.weight, first[f"base_model.model.{name}.lora_B.weight"])
@@ -183,25 +180,134 @@ def test_lora_learns_mrpc_beyond_the_majority_class(tmp_path):
     assert summary["best_metrics"]["f1"] > 0.81
 
 
-def test_modules_to_save_adds_the_pooler_to_the_trained_head(tmp_path):
+def test_modules_to_save_adds_the_pooler_to_the_trained_head(tmp_path, tiny_run):
     from lorafit.data import get_task
     from lorafit.lora import count_parameters
     from lorafit.train import build_model
 
-    default = build_model(tiny(tmp_path), get_task("rte"))
+    default = build_model(tiny_run(), get_task("rte"))
     assert not default.bert.pooler.dense.weight.requires_grad  # pretrained, frozen (PEFT's default too)
-    with_pooler = build_model(tiny(tmp_path, modules_to_save=["classifier", "pooler"]), get_task("rte"))
+    with_pooler = build_model(tiny_run(modules_to_save=["classifier", "pooler"]), get_task("rte"))
     assert with_pooler.bert.pooler.dense.weight.requires_grad
     # The pooler adds 384 x 384 + 384 weights to the 770 of the classifier; the adapter is unchanged.
     assert count_parameters(with_pooler).head == 770 + 384 * 384 + 384
     assert count_parameters(with_pooler).adapter == count_parameters(default).adapter == 73_728
     with pytest.raises(LorafitError, match="--modules-to-save must be a non-empty list"):
-        tiny(tmp_path, modules_to_save=[])
+        tiny_run(modules_to_save=[])
 
 
-def test_bad_input_leaves_no_run_directory(tmp_path):
+def test_bad_input_leaves_no_run_directory(tmp_path, tiny_run):
     with pytest.raises(LorafitError, match="no such folder"):
-        train(tiny(tmp_path, model=str(tmp_path / "no-model")))
+        train(tiny_run(model=str(tmp_path / "no-model")))
     with pytest.raises(LorafitError, match="unknown task"):
-        train(tiny(tmp_path, task="nope"))
+        train(tiny_run(task="nope"))
     assert not (tmp_path / "run").exists()
+
+
+# -- run directory rules (no training) ---------------------------------------------------------
+
+
+def _fake_checkpointed_run(cfg, folder: str = "checkpoint") -> None:
+    """A run directory as an interrupted run leaves it: config.yaml and a checkpoint's state.json."""
+    from lorafit.run import RunDir
+
+    run = RunDir(cfg.output_dir)
+    run.start(cfg)
+    (run.path / folder).mkdir()
+    (run.path / folder / "state.json").write_text(json.dumps({"step": 4}))
+
+
+@pytest.mark.parametrize("field, value", [("log_steps", 3), ("save_steps", 5), ("eval_batch_size", 7),
+                                          ("num_threads", 1), ("progress", True)])
+def test_resume_accepts_changes_to_how_a_run_executes(tiny_run, field, value):
+    from lorafit.run import RunDir
+
+    cfg = tiny_run(max_steps=6)
+    _fake_checkpointed_run(cfg)
+    changed = cfg.replace(resume=True, **{field: value})
+    RunDir(cfg.output_dir).check(changed)  # no error
+
+
+@pytest.mark.parametrize("field, value", [("learning_rate", 1e-3), ("rank", 4), ("max_steps", 7), ("seed", 1),
+                                          ("eval_steps", 2), ("max_eval_samples", 8), ("precision", "bf16")])
+def test_resume_refuses_changes_to_what_a_run_learns(tiny_run, field, value):
+    from lorafit.run import RunDir
+
+    cfg = tiny_run(max_steps=6)
+    _fake_checkpointed_run(cfg)
+    with pytest.raises(LorafitError, match=f"--resume: settings differ from the run in .*: {field} "):
+        RunDir(cfg.output_dir).check(cfg.replace(resume=True, **{field: value}))
+
+
+def test_a_crash_between_the_checkpoint_renames_resumes_from_checkpoint_old(tmp_path):
+    from lorafit.run import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    first = {"w": torch.ones(2)}
+    run.save_checkpoint(first, {"optimizer": {}}, {"step": 1})
+    # The state of a crash after `checkpoint` was renamed to `checkpoint.old` and before
+    # `checkpoint.new` took its place: only the old one is complete.
+    run.checkpoint.rename(run.path / "checkpoint.old")
+    assert run.has_checkpoint() and run.checkpoint_step() == 1
+    trainable, _training_state, state = run.load_checkpoint()
+    assert torch.equal(trainable["w"], first["w"]) and state == {"step": 1}
+    # The next save puts a complete checkpoint in place and removes the old one.
+    run.save_checkpoint({"w": torch.zeros(2)}, {"optimizer": {}}, {"step": 2})
+    assert run.checkpoint_step() == 2 and not (run.path / "checkpoint.old").exists()
+
+
+VALID = {"task": "rte"}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"rank": 0}, "--rank must be > 0, got 0"),
+    ({"rank": 2.5}, "--rank must be an integer, got 2.5"),
+    ({"alpha": 0.0}, "--alpha must be > 0, got 0.0"),
+    ({"lora_dropout": 1.0}, "--lora-dropout must be in [0, 1), got 1.0"),
+    ({"target_modules": []}, "--target-modules must be a non-empty list of module names, got []"),
+    ({"target_modules": "query"}, "--target-modules must be a non-empty list of module names, got 'query'"),
+    ({"modules_to_save": ["classifier", ""]}, "--modules-to-save must be a non-empty list of module names"),
+    ({"batch_size": 0}, "--batch-size must be > 0, got 0"),
+    ({"batch_size": True}, "--batch-size must be an integer, got True"),
+    ({"max_steps": -1}, "--max-steps must be > 0, got -1"),
+    ({"learning_rate": "fast"}, "--learning-rate must be a number, got 'fast'"),
+    ({"weight_decay": -0.1}, "--weight-decay must be >= 0, got -0.1"),
+    ({"warmup_ratio": 1.5}, "--warmup-ratio must be in [0, 1), got 1.5"),
+    ({"classifier_dropout": -0.5}, "--classifier-dropout must be in [0, 1), got -0.5"),
+    ({"method": "adapter"}, "--method must be one of lora, full; got 'adapter'"),
+    ({"precision": "fp8"}, "--precision must be one of fp32, bf16, fp16; got 'fp8'"),
+    ({"method": "full", "init_adapter": "a"}, "--init-adapter applies to --method lora"),
+    ({"text_columns": ["a", "b", "c"]}, "--text-columns takes one or two column names"),
+    ({"train_file": "t.csv"}, "custom data needs both --train-file and --validation-file"),
+    ({"train_file": "t.csv", "validation_file": "v.csv", "data_dir": "d"}, "--data-dir and --train-file"),
+    ({"resume": True, "overwrite": True}, "--resume continues a run and --overwrite replaces it; give one"),
+    ({"seeds": [1, 1]}, "--seeds must be distinct integers, got [1, 1]"),
+])
+def test_train_config_rejects_each_bad_value_naming_its_flag(changes, message):
+    from lorafit.config import TrainConfig
+
+    with pytest.raises(LorafitError) as e:
+        TrainConfig(**{**VALID, **changes})
+    assert message in str(e.value)
+
+
+def test_field_tags_give_the_lists_the_rest_of_lorafit_uses():
+    from lorafit.config import LORA_ONLY, NOT_SETTINGS, ONE_OFF_KEYS, PER_RUN_KEYS, RUNTIME_KEYS
+
+    assert RUNTIME_KEYS == {"eval_batch_size", "output_dir", "overwrite", "resume", "save_steps", "log_steps",
+                            "num_threads", "progress", "report_to"}
+    assert PER_RUN_KEYS == {"output_dir", "overwrite", "resume", "seeds"}
+    assert set(LORA_ONLY) == {"rank", "alpha", "lora_dropout", "target_modules", "use_rslora", "modules_to_save",
+                              "init_adapter"}
+    assert NOT_SETTINGS == RUNTIME_KEYS | {"seed", "seeds"}
+    assert ONE_OFF_KEYS == {"resume", "overwrite", "progress", "seeds"}
+
+
+def test_lora_config_carries_every_lora_setting():
+    from lorafit.config import TrainConfig
+
+    lora = TrainConfig(rank=4, alpha=8.0, lora_dropout=0.1, target_modules=["query"], use_rslora=True,
+                       modules_to_save=["classifier", "pooler"]).lora_config()
+    assert (lora.r, lora.alpha, lora.dropout, lora.target_modules, lora.use_rslora, lora.modules_to_save) == (
+        4, 8.0, 0.1, ["query"], True, ["classifier", "pooler"])

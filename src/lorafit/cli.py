@@ -12,70 +12,64 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
-import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Any
 
 from lorafit.errors import LorafitError
+from lorafit.flags import add_dataclass_arguments
 
-# -- flags derived from the config dataclass --------------------------------------------------
-
-
-def _comma_list(item_type: type):
-    def parse(text: str) -> list:
-        items = [s.strip() for s in text.split(",") if s.strip()]
-        try:
-            return [item_type(s) for s in items]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {item_type.__name__} values, got {text!r}")
-
-    parse.__name__ = f"comma-separated {item_type.__name__} list"
-    return parse
-
-
-def _strip_optional(tp: Any) -> Any:
-    if get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> None:
-    """One flag per dataclass field; defaults are left to the dataclass (argparse.SUPPRESS)."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        tp = _strip_optional(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f.metadata.get("help", "")
-        if "(default:" not in help_text:  # a help text that explains its default says it once
-            help_text += f" (default: {default})"
-        if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        elif get_origin(tp) is Literal:
-            parser.add_argument(flag, choices=get_args(tp), default=argparse.SUPPRESS, help=help_text)
-        elif get_origin(tp) is list:
-            parser.add_argument(flag, type=_comma_list(get_args(tp)[0]), default=argparse.SUPPRESS,
-                                metavar="A,B", help=help_text)
-        else:
-            parser.add_argument(flag, type=tp, default=argparse.SUPPRESS, help=help_text)
-
+if TYPE_CHECKING:
+    from lorafit.config import TrainConfig
 
 # -- commands ---------------------------------------------------------------------------------
 
 
+def train_seeds(cfg: TrainConfig) -> dict[str, Any]:
+    """One run per seed in ``<output_dir>/seed-<s>``, and the median of the best metrics."""
+    from lorafit.distributed import is_main_process
+    from lorafit.io import atomic_write_json
+    from lorafit.run import RunDir
+    from lorafit.train import train
+
+    if not cfg.seeds:
+        return train(cfg)
+    root = Path(cfg.output_dir or Path("runs") / cfg.run_name().rsplit("-seed", 1)[0])
+    summaries = []
+    for seed in cfg.seeds:
+        sub = cfg.replace(seed=seed, seeds=None, output_dir=str(root / f"seed-{seed}"))
+        run = RunDir(Path(sub.output_dir))
+        if sub.resume and not run.has_checkpoint():
+            sub = sub.replace(resume=False)
+        if cfg.resume and run.is_finished():
+            summaries.append(run.summary())
+            continue
+        summaries.append(train(sub))
+    values = [s["best_metric"] for s in summaries]
+    result = {
+        "status": "finished",
+        "seeds": list(cfg.seeds),
+        "metric": summaries[0]["metric"],
+        "median": statistics.median(values),
+        "values": values,
+        "runs": [str(root / f"seed-{s}") for s in cfg.seeds],
+    }
+    if is_main_process():  # under torchrun / accelerate launch, one process writes
+        atomic_write_json(root / "seeds_summary.json", result)
+    return result
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lorafit.config import TrainConfig, make_config
-    from lorafit.train import train_seeds
+    from lorafit.distributed import is_main_process
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     cfg = make_config(args.recipe, **overrides)
     summary = train_seeds(cfg)
+    if not is_main_process():  # under torchrun / accelerate launch, one process reports
+        return 0
     if cfg.seeds:
         print(f"{summary['metric']}: median {summary['median']:.4f} over seeds {cfg.seeds} "
               f"(values {', '.join(f'{v:.4f}' for v in summary['values'])})")
@@ -164,13 +158,16 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lorafit.sweep import run_sweep_cli
+    from lorafit.distributed import refuse_launched
+    from lorafit.sweep.cli import run_sweep_cli
 
+    refuse_launched("sweep", "run it directly (its cells train one after another); to spread one cell over "
+                    "several processes, launch `lorafit train` with that cell's settings")
     return run_sweep_cli(args)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lorafit.report import run_report_cli
+    from lorafit.report.make import run_report_cli
 
     return run_report_cli(args)
 
@@ -189,9 +186,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from lorafit.config import TrainConfig
-    from lorafit.report import add_report_arguments
+    from lorafit.report.make import add_report_arguments
     from lorafit.submit import add_submit_arguments
-    from lorafit.sweep import add_sweep_arguments
+    from lorafit.sweep.cli import add_sweep_arguments
 
     parser = _Parser(prog="lorafit", description="LoRA fine-tuning of encoder models on GLUE.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -257,10 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``lorafit`` command; returns the exit code (2 for bad input, with one line on stderr)."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("LORAFIT_DEBUG", "") not in ("", "0")
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help (0) or a bad flag (2, its message already printed)
+            return e.code if isinstance(e.code, int) else 2
         return args.func(args)
     except LorafitError as e:
         if debug:

@@ -2,7 +2,8 @@
 
 The CLI flags of ``lorafit train`` are derived from these fields (``learning_rate`` becomes
 ``--learning-rate``), and YAML recipes use the same names as keys, so there is one place for
-every default and every rule.
+every default and every rule. What kind of setting a field is (a LoRA-only setting, how a run is
+executed, ...) is data on the field too: see the tags below.
 """
 
 from __future__ import annotations
@@ -10,36 +11,61 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
-
+from typing import TYPE_CHECKING, Any, Literal
 
 from lorafit.errors import LorafitError
+from lorafit.flags import flag_name, split_commas
 from lorafit.io import read_yaml_mapping
+
+if TYPE_CHECKING:
+    from lorafit.data import TaskSpec
+    from lorafit.lora.config import LoRAConfig
 
 Method = Literal["lora", "full"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
+# Field tags (a field may carry several; an untagged field is an ordinary training setting).
+# How a run is executed, not what it learns: may change on --resume, never taken from a recipe,
+# not a sweep axis, and runs that differ only here are one configuration in a report.
+RUNTIME = "runtime"
+# Set for each run by `--seeds` and by the sweep (where the run goes, whether it resumes).
+PER_RUN = "per_run"
+# Read only when method is "lora"; full fine-tuning sweep cells get their defaults.
+LORA = "lora"
+# The random seed: runs that differ only here are repeats of one configuration.
+SEED = "seed"
+# An instruction to one invocation, not a setting of the run: left out of a run's `lorafit train` command.
+ONE_OFF = "one_off"
 
-def _help(text: str, **extra: Any) -> dict[str, Any]:
-    return {"help": text, **extra}
+
+def _help(text: str, *tags: str) -> dict[str, Any]:
+    """A field's metadata: its ``--help`` text and its tags (see above)."""
+    return {"help": text, "tags": frozenset(tags)}
 
 
 @dataclass
 class TrainConfig:
-    """Everything one training run needs. Field docs double as ``--help`` text."""
+    """Everything one training run needs. Field docs double as ``--help`` text.
+
+    A new field is one line: ``name: type = field(default=..., metadata=_help("help text", *tags))``,
+    with the tags that apply (``LORA``, ``RUNTIME``, ``PER_RUN``, ``SEED``, ``ONE_OFF``, defined
+    above). The lists the rest of lorafit uses (what may change on ``--resume``, what a sweep sets,
+    what full fine-tuning ignores, what a report compares) are derived from the tags; a LoRA
+    setting is also passed on in :meth:`lora_config`.
+    """
 
     # What to train.
     task: str = field(default="mrpc", metadata=_help("GLUE task (sst2, mrpc, rte, cola, stsb, qnli, qqp, mnli) or a name for custom data"))
     model: str = field(default="minilm", metadata=_help("'minilm' (the embedded all-MiniLM-L6-v2), a local model folder, or a Hub id"))
     method: Method = field(default="lora", metadata=_help("'lora' (frozen base + low-rank adapters + trained head) or 'full' fine-tuning"))
     # LoRA.
-    rank: int = field(default=8, metadata=_help("LoRA rank r"))
-    alpha: float = field(default=16.0, metadata=_help("LoRA alpha; updates are scaled by alpha/r (the paper's scripts use 16 for RoBERTa)"))
-    lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA branch input"))
-    target_modules: list[str] | None = field(default=None, metadata=_help("comma-separated module names to adapt (default: the architecture's query,value)"))
-    use_rslora: bool = field(default=False, metadata=_help("scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r"))
-    modules_to_save: list[str] | None = field(default=None, metadata=_help("comma-separated modules trained in full and saved with the adapter (default: the architecture's head: classifier; DeBERTa also pooler)"))
-    init_adapter: str | None = field(default=None, metadata=_help("start from this adapter (the paper starts MRPC, RTE and STS-B from the MNLI adapter)"))
+    rank: int = field(default=8, metadata=_help("LoRA rank r", LORA))
+    alpha: float = field(default=16.0, metadata=_help("LoRA alpha; updates are scaled by alpha/r (the paper's scripts use 16 for RoBERTa)", LORA))
+    lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA branch input", LORA))
+    target_modules: list[str] | None = field(default=None, metadata=_help("comma-separated module names to adapt (default: the architecture's query,value)", LORA))
+    use_rslora: bool = field(default=False, metadata=_help("scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r", LORA))
+    modules_to_save: list[str] | None = field(default=None, metadata=_help("comma-separated modules trained in full and saved with the adapter (default: the architecture's head: classifier; DeBERTa also pooler)", LORA))
+    init_adapter: str | None = field(default=None, metadata=_help("start from this adapter (the paper starts MRPC, RTE and STS-B from the MNLI adapter)", LORA))
     # Optimisation.
     learning_rate: float = field(default=5e-4, metadata=_help("peak learning rate of AdamW"))
     batch_size: int = field(default=16, metadata=_help("examples per optimizer step (per device, before accumulation)"))
@@ -51,11 +77,11 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0 disables)"))
     classifier_dropout: float | None = field(default=None, metadata=_help("dropout before the classifier (default: the model's)"))
     precision: Precision = field(default="fp32", metadata=_help("fp32, bf16 (autocast; CPU or GPU) or fp16 (GPU only)"))
-    seed: int = field(default=0, metadata=_help("random seed"))
-    seeds: list[int] | None = field(default=None, metadata=_help("comma-separated seeds: one run each, and the median (as in the paper)"))
+    seed: int = field(default=0, metadata=_help("random seed", SEED))
+    seeds: list[int] | None = field(default=None, metadata=_help("comma-separated seeds: one run each, and the median (as in the paper)", SEED, PER_RUN, ONE_OFF))
     # Data.
     max_length: int = field(default=128, metadata=_help("truncate inputs to this many tokens (padding is dynamic)"))
-    eval_batch_size: int = field(default=64, metadata=_help("examples per evaluation batch"))
+    eval_batch_size: int = field(default=64, metadata=_help("examples per evaluation batch", RUNTIME))
     group_by_length: bool = field(default=True, metadata=_help("batch examples of similar length (less padding)"))
     max_train_samples: int | None = field(default=None, metadata=_help("use only the first N training examples (after a seeded shuffle)"))
     max_eval_samples: int | None = field(default=None, metadata=_help("evaluate on only the first N examples of each dev set"))
@@ -66,23 +92,22 @@ class TrainConfig:
     label_column: str = field(default="label", metadata=_help("custom data: the label column"))
     task_type: Literal["classification", "regression"] = field(default="classification", metadata=_help("custom data: classification or regression"))
     # Run directory, evaluation and checkpoints.
-    output_dir: str | None = field(default=None, metadata=_help("run directory (default: runs/<task>-<method>-...)"))
-    overwrite: bool = field(default=False, metadata=_help("replace a finished run in output_dir"))
-    resume: bool = field(default=False, metadata=_help("continue from the checkpoint in output_dir"))
+    output_dir: str | None = field(default=None, metadata=_help("run directory (default: runs/<task>-<method>-...)", RUNTIME, PER_RUN))
+    overwrite: bool = field(default=False, metadata=_help("replace a finished run in output_dir", RUNTIME, PER_RUN, ONE_OFF))
+    resume: bool = field(default=False, metadata=_help("continue from the checkpoint in output_dir", RUNTIME, PER_RUN, ONE_OFF))
     eval_steps: int | None = field(default=None, metadata=_help("evaluate every N optimizer steps (default: every epoch)"))
-    save_steps: int | None = field(default=200, metadata=_help("write a resumable checkpoint every N optimizer steps (and at each evaluation)"))
-    log_steps: int = field(default=20, metadata=_help("update the progress bar's loss every N steps"))
-    num_threads: int | None = field(default=None, metadata=_help("CPU threads for torch (default: torch's choice)"))
+    save_steps: int | None = field(default=200, metadata=_help("write a resumable checkpoint every N optimizer steps (and at each evaluation)", RUNTIME))
+    log_steps: int = field(default=20, metadata=_help("update the progress bar's loss every N steps", RUNTIME))
+    num_threads: int | None = field(default=None, metadata=_help("CPU threads for torch (default: torch's choice)", RUNTIME))
     trust_remote_code: bool = field(default=False, metadata=_help("allow model code from the Hub (off unless asked for)"))
-    progress: bool = field(default=True, metadata=_help("show progress bars"))
-    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = field(default="none", metadata=_help("log loss, learning rate, speed and dev metrics to this tracker (through Accelerate); tensorboard writes <run>/tensorboard/"))
+    progress: bool = field(default=True, metadata=_help("show progress bars", RUNTIME, ONE_OFF))
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = field(default="none", metadata=_help("log loss, learning rate, speed and dev metrics to this tracker (through Accelerate); tensorboard writes <run>/tensorboard/", RUNTIME))
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        def flag(name: str) -> str:
-            return "--" + name.replace("_", "-")
+        flag = flag_name
 
         def positive(name: str, allow_zero: bool = False, optional: bool = False) -> None:
             value = getattr(self, name)
@@ -93,7 +118,7 @@ class TrainConfig:
             if value < 0 or (value == 0 and not allow_zero):
                 raise LorafitError(f"{flag(name)} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
-        for name in ("rank", "batch_size", "grad_accum", "max_length", "eval_batch_size", "log_steps"):
+        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "log_steps"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise LorafitError(f"{flag(name)} must be an integer, got {getattr(self, name)!r}")
             positive(name)
@@ -102,11 +127,11 @@ class TrainConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise LorafitError(f"{flag(name)} must be an integer, got {value!r}")
             positive(name, optional=True)
-        for name in ("alpha", "learning_rate", "epochs"):
+        for name in ("learning_rate", "epochs"):
             positive(name)
         for name in ("weight_decay", "max_grad_norm"):
             positive(name, allow_zero=True)
-        for name in ("lora_dropout", "warmup_ratio", "classifier_dropout"):
+        for name in ("warmup_ratio", "classifier_dropout"):
             value = getattr(self, name)
             if value is None and name == "classifier_dropout":
                 continue
@@ -119,10 +144,15 @@ class TrainConfig:
                 raise LorafitError(f"{flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.method == "full" and self.init_adapter:
             raise LorafitError("--init-adapter applies to --method lora, not full fine-tuning")
-        for name in ("target_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if value is not None and (not value or not all(isinstance(v, str) and v for v in value)):
-                raise LorafitError(f"{flag(name)} must be a non-empty list of module names, got {value!r}")
+        for name in ("target_modules", "modules_to_save"):  # a list here; LoRAConfig also takes a regex
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), (list, tuple)):
+                raise LorafitError(f"{flag(name)} must be a non-empty list of module names, got {getattr(self, name)!r}")
+        from lorafit.lora.config import LoRAConfigError  # here: `lorafit --help` need not import torch
+
+        try:  # the LoRA fields are checked by LoRAConfig, the one owner of those rules
+            self.lora_config()
+        except LoRAConfigError as e:
+            raise LorafitError(f"{flag(LORA_FIELDS[e.field])} {e.rule}, got {e.value!r}") from None
         if self.text_columns is not None and not 1 <= len(self.text_columns) <= 2:
             raise LorafitError(f"--text-columns takes one or two column names, got {self.text_columns!r}")
         if (self.train_file is None) != (self.validation_file is None):
@@ -133,6 +163,24 @@ class TrainConfig:
             raise LorafitError("--resume continues a run and --overwrite replaces it; give one")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise LorafitError(f"--seeds must be distinct integers, got {self.seeds!r}")
+
+    def lora_config(self) -> LoRAConfig:
+        """The LoRA settings of this run (architecture defaults still unresolved)."""
+        from lorafit.lora.config import LoRAConfig
+
+        return LoRAConfig(r=self.rank, alpha=self.alpha, dropout=self.lora_dropout, target_modules=self.target_modules,
+                          modules_to_save=self.modules_to_save, use_rslora=self.use_rslora)
+
+    def task_spec(self) -> TaskSpec:
+        """The GLUE task named by ``task``, or the user's task when custom files are given."""
+        from lorafit.data import TASKS, custom_task, get_task
+
+        if self.train_file:
+            # A GLUE name (the default "mrpc" included) would mislabel the user's data.
+            name = "custom" if self.task.lower().replace("-", "") in TASKS else self.task
+            return custom_task(self.train_file, self.text_columns or ["text"], self.label_column,
+                               name=name, regression=self.task_type == "regression")
+        return get_task(self.task)
 
     def run_name(self) -> str:
         lora = f"-r{self.rank}" if self.method == "lora" else ""
@@ -145,9 +193,33 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-FIELD_NAMES = {f.name for f in fields(TrainConfig)}
-# Keys that describe how a run is executed, not what is trained: never taken from a recipe.
-RUNTIME_KEYS = {"output_dir", "overwrite", "resume", "progress", "num_threads", "report_to"}
+# LoRAConfig field -> the TrainConfig field (and so the flag) that sets it.
+LORA_FIELDS = {"r": "rank", "alpha": "alpha", "dropout": "lora_dropout", "target_modules": "target_modules",
+               "modules_to_save": "modules_to_save", "use_rslora": "use_rslora"}
+FIELD_ORDER: tuple[str, ...] = tuple(f.name for f in fields(TrainConfig))
+FIELD_NAMES = set(FIELD_ORDER)
+
+
+def field_defaults() -> dict[str, Any]:
+    """Every field's default, in field order (without building, and so validating, a TrainConfig)."""
+    return {f.name: f.default for f in fields(TrainConfig)}
+
+
+def fields_tagged(*tags: str) -> frozenset[str]:
+    """Names of the TrainConfig fields carrying any of ``tags``."""
+    return frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("tags", frozenset()) & set(tags))
+
+
+# How a run is executed, not what it trains: may change on --resume, never taken from a recipe.
+RUNTIME_KEYS = fields_tagged(RUNTIME)
+# Set by the sweep for each cell (and by --seeds for each run), never by a grid.
+PER_RUN_KEYS = fields_tagged(PER_RUN)
+# Only read by method "lora", in field order.
+LORA_ONLY = tuple(name for name in FIELD_ORDER if name in fields_tagged(LORA))
+# Not what a run learns: runs that differ only in these are seeds of one configuration.
+NOT_SETTINGS = fields_tagged(RUNTIME, SEED)
+# Left out of the `lorafit train` command that reproduces a run.
+ONE_OFF_KEYS = fields_tagged(ONE_OFF)
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
@@ -161,7 +233,7 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
         raise LorafitError(f"{path}: unknown key(s) {', '.join(unknown)} (known: see `lorafit train --help`)")
     for key in ("target_modules", "modules_to_save", "text_columns"):
         if isinstance(data.get(key), str):
-            data[key] = [s.strip() for s in data[key].split(",") if s.strip()]
+            data[key] = split_commas(data[key])
     return data
 
 

@@ -7,10 +7,8 @@ LoRA layers are merged before inference, so it runs at the base model's speed.
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import json
 import dataclasses
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +16,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from lorafit.config import TrainConfig
-from lorafit.data import TaskSpec, encode_split, get_task, load_custom, load_split
+from lorafit.data import TaskSpec, encode_split, get_task, load_custom, load_split, read_table
 from lorafit.errors import LorafitError
+from lorafit.evaluation import predict_logits
 from lorafit.io import atomic_write_json, read_json
 from lorafit.lora import load_adapter, merge_and_unload, read_adapter_config, read_adapter_metadata
+from lorafit.lora.adapter import read_adapter_weights
 from lorafit.models import load_model, load_tokenizer
-from lorafit.train import predict_logits, resolve_task
+from lorafit.run import RunDir
 
 TASK_FILE = "lorafit_task.json"  # written beside an exported merged model
 
@@ -48,11 +47,25 @@ def _task_from_metadata(meta: dict[str, Any]) -> TaskSpec | None:
     return get_task(meta["task"]) if meta.get("task") else None
 
 
+def _head_size(adapter: Path) -> int:
+    """The label count of an adapter that does not record it (PEFT's), from its saved head.
+
+    The head's output layer is its one weight that is not square (BERT's ``classifier``,
+    RoBERTa's ``classifier.out_proj``; dense layers and poolers are hidden x hidden).
+    """
+    heads = read_adapter_config(adapter).modules_to_save or []
+    sizes = {tensor.shape[0] for key, tensor in read_adapter_weights(adapter).items()
+             if tensor.ndim == 2 and tensor.shape[0] != tensor.shape[1] and ".lora_" not in key
+             and any(f".{h}." in f".{key}" for h in heads)}
+    if len(sizes) != 1:
+        raise LorafitError(f"{adapter}: no label count recorded and none readable from the saved head "
+                           f"(modules_to_save: {heads}); the adapter needs a trained classification head")
+    return int(sizes.pop())
+
+
 def _load_lora(base: str, adapter: Path, meta: dict[str, Any], trust_remote_code: bool) -> tuple[nn.Module, Any]:
     labels = meta.get("label_names")
-    num_labels = meta.get("num_labels") or (len(labels) if labels else None)
-    if num_labels is None:
-        raise LorafitError(f"{adapter}: no label count recorded (an adapter PEFT wrote); evaluate it through PEFT")
+    num_labels = meta.get("num_labels") or (len(labels) if labels else None) or _head_size(adapter)
     model, _ = load_model(base, num_labels, labels, trust_remote_code)
     load_adapter(model, adapter)
     return model, load_tokenizer(base, trust_remote_code)
@@ -67,8 +80,8 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
     path = Path(path)
     if not path.exists():
         raise LorafitError(f"{path}: not found (expected a run, adapter or model directory)")
-    if (path / "config.yaml").exists():  # a run directory
-        cfg = _run_config(path / "config.yaml")
+    if RunDir(path).is_run_dir():
+        cfg = RunDir(path).train_config()
         if cfg.method == "lora":
             if not (path / "adapter" / "adapter_config.json").exists():
                 raise LorafitError(f"{path}: the run has no adapter yet (adapter/ is missing); has it evaluated once?")
@@ -79,7 +92,7 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
             if not (path / "model" / "config.json").exists():
                 raise LorafitError(f"{path}: the run has no saved model yet (model/ is missing)")
             model, tokenizer, _ = _load_plain(path / "model", trust_remote_code)
-            task = resolve_task(cfg)
+            task = cfg.task_spec()
         trained = Trained(model, tokenizer, task, cfg.max_length, cfg)
     elif (path / "adapter_config.json").exists():
         read_adapter_config(path)  # validates the file before any model is loaded
@@ -98,16 +111,6 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
         trained.model = merge_and_unload(trained.model)
     trained.model.eval()
     return trained
-
-
-def _run_config(path: Path) -> TrainConfig:
-    from lorafit.config import FIELD_NAMES
-
-    saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(saved, dict) or set(saved) - FIELD_NAMES:
-        unknown = sorted(set(saved) - FIELD_NAMES) if isinstance(saved, dict) else []
-        raise LorafitError(f"{path}: not a lorafit run config{' (unknown keys: ' + ', '.join(unknown) + ')' if unknown else ''}")
-    return TrainConfig(**saved)
 
 
 def _load_plain(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any, dict[str, Any]]:
@@ -144,7 +147,7 @@ def evaluate_trained(path: str | Path, task: str | None = None, data_dir: str | 
         if max_eval_samples:
             data = data.select(np.arange(min(max_eval_samples, len(data))))
         pad = trained.tokenizer.pad_token_id or 0
-        outputs[split] = (predict_logits(trained.model, data, batch_size, pad, contextlib.nullcontext), data.labels)
+        outputs[split] = (predict_logits(trained.model, data, batch_size, pad), data.labels)
     return compute_metrics(spec, outputs)
 
 
@@ -170,15 +173,10 @@ def read_inputs(path: str | Path) -> list[tuple[str, str | None]]:
             if not isinstance(obj, dict) or "text" not in obj:
                 raise LorafitError(f"--input {path} line {n}: expected an object with a 'text' field")
             pairs.append((str(obj["text"]), obj.get("text_pair")))
-    elif path.suffix in (".csv", ".tsv"):
-        rows = list(csv.reader(text.splitlines(), delimiter="," if path.suffix == ".csv" else "\t"))
-        if not rows:
-            raise LorafitError(f"--input {path}: empty file")
-        header, body = rows[0], rows[1:]
+    elif path.suffix in (".csv", ".tsv"):  # read as training reads them: quotes are text in a .tsv
+        header, body = read_table(path, f"--input {path}")
         cols = [header.index(c) for c in ("sentence1", "sentence2") if c in header] or list(range(min(2, len(header))))
-        for n, row in enumerate(body, 2):
-            if len(row) != len(header):
-                raise LorafitError(f"--input {path} line {n}: expected {len(header)} fields, got {len(row)}")
+        for _, row in body:
             pairs.append((row[cols[0]], row[cols[1]] if len(cols) > 1 else None))
     else:
         for line in text.splitlines():

@@ -14,7 +14,7 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from lorafit.data.tasks import TaskSpec
 
-__all__ = ["compute_metrics", "primary_metric", "metric_keys", "predictions"]
+__all__ = ["compute_metrics", "metric_keys", "predictions", "primary_metric"]
 
 
 def primary_metric(task: TaskSpec) -> str:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lorafit.errors import LorafitError
+from lorafit.hub import hub_reachable
 
 EMBEDDED_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDED_ALIASES = ("minilm", "all-MiniLM-L6-v2", EMBEDDED_HUB_ID)
@@ -58,22 +59,6 @@ def _hub_error(name: str, error: Exception) -> LorafitError:
         f"{str(error).splitlines()[0] if str(error) else ''}). Offline, use the embedded model "
         f"(--model minilm) or a local copy (--model PATH)"
     )
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers; checked first so that an offline machine fails
-    at once, not after the hub client's minute of retries."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _location(name: str) -> tuple[str, dict[str, Any]]:

@@ -2,12 +2,15 @@
 
     <run>/config.yaml        the resolved TrainConfig
     <run>/metrics.jsonl      one line per evaluation
+    <run>/train_loss.jsonl   the training loss every --log-steps optimizer steps
     <run>/summary.json       best metric and epoch, parameter counts, time, speed, memory
     <run>/adapter/           the best adapter, PEFT format (LoRA runs)
     <run>/model/             the best model, save_pretrained format (full fine-tuning runs)
     <run>/checkpoint/        the latest training state, for --resume
 
-Every file is written atomically; the checkpoint folder is swapped in whole, so a crash at any
+:class:`RunDir` is the one owner of this format: everything else in lorafit (the sweep, the
+report, ``lorafit eval``) reads a run through it. Every file is written atomically (metrics.jsonl
+is appended to, a line at a time); the checkpoint folder is swapped in whole, so a crash at any
 moment leaves the previous checkpoint usable.
 """
 
@@ -15,27 +18,42 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
-from lorafit.config import RUNTIME_KEYS, TrainConfig
+from lorafit import __version__
+from lorafit.config import FIELD_NAMES, RUNTIME_KEYS, TrainConfig
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_write_bytes, atomic_write_json, read_json
+
+if TYPE_CHECKING:  # torch and the model code load only when a run trains: the report needs neither
+    import numpy as np
+    import torch
+
+    from lorafit.data import TaskSpec
+    from lorafit.lora import ParameterCount
 
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+TRAIN_LOSS = "train_loss.jsonl"
 CHECKPOINT = "checkpoint"
+# Any of these makes a folder a run directory (a run killed early may have only some).
+RUN_FILES = (CONFIG, SUMMARY, METRICS, TRAIN_LOSS, CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.new")
 
 
 @dataclass
 class RunDir:
+    """A run directory on disk: where each file goes, and how each is read and written."""
+
     path: Path
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
 
     @property
     def adapter(self) -> Path:
@@ -49,12 +67,79 @@ class RunDir:
     def checkpoint(self) -> Path:
         return self.path / CHECKPOINT
 
+    # -- reading ---------------------------------------------------------------------------
+
+    def is_run_dir(self) -> bool:
+        """Whether the folder holds (part of) a run: a config, summary, metrics or checkpoint."""
+        return any((self.path / name).exists() for name in RUN_FILES)
+
+    def config(self) -> dict[str, Any]:
+        """The resolved settings of the run (``config.yaml``) as written, a mapping of field names."""
+        path = self.path / CONFIG
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LorafitError(f"{self.path}: not a lorafit run directory (no {CONFIG})") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise LorafitError(f"{path}: not readable YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise LorafitError(f"{path}: not a lorafit run config (expected a mapping of settings)")
+        return data
+
+    def train_config(self) -> TrainConfig:
+        """The run's settings as a :class:`TrainConfig` (refusing keys TrainConfig does not have)."""
+        saved = self.config()
+        unknown = sorted(set(saved) - FIELD_NAMES)
+        if unknown:
+            raise LorafitError(f"{self.path / CONFIG}: not a lorafit run config (unknown keys: {', '.join(unknown)})")
+        return TrainConfig(**saved)
+
+    def summary(self) -> dict[str, Any] | None:
+        """``summary.json``, or None while there is none (or it is unreadable)."""
+        try:
+            data = json.loads((self.path / SUMMARY).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The evaluations in ``metrics.jsonl``, by step; a step logged twice (a run resumed from
+        an earlier checkpoint) counts once, with its last line; a line cut short by a kill is skipped."""
+        records = []
+        path = self.path / METRICS
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and "step" in record:
+                    records.append(record)
+        by_step = {r["step"]: r for r in records}
+        return [by_step[s] for s in sorted(by_step)]
+
     def is_finished(self) -> bool:
-        summary = self.path / SUMMARY
-        return summary.exists() and read_json(summary).get("status") == "finished"
+        summary = self.summary()
+        return summary is not None and summary.get("status") == "finished"
 
     def has_checkpoint(self) -> bool:
-        return (self.checkpoint / "state.json").exists() or (self.path / f"{CHECKPOINT}.old" / "state.json").exists()
+        return self._checkpoint_folder() is not None
+
+    def checkpoint_step(self) -> int | None:
+        """The optimizer step the checkpoint was taken at, or None."""
+        folder = self._checkpoint_folder()
+        try:
+            return read_json(folder / "state.json").get("step") if folder else None
+        except LorafitError:
+            return None
+
+    def _checkpoint_folder(self) -> Path | None:
+        for folder in (self.checkpoint, self.path / f"{CHECKPOINT}.old"):  # .old: crashed between two renames
+            if (folder / "state.json").exists():
+                return folder
+        return None
+
+    # -- writing ---------------------------------------------------------------------------
 
     def check(self, cfg: TrainConfig) -> None:
         """Refuse a directory that --overwrite/--resume do not allow; writes nothing."""
@@ -63,8 +148,7 @@ class RunDir:
         if cfg.resume:
             if not self.has_checkpoint():
                 raise LorafitError(f"--resume: {self.path} has no checkpoint to resume from")
-            saved = yaml.safe_load((self.path / CONFIG).read_text())
-            changed = {k for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS and saved.get(k) != v}
+            changed = self.changed_settings(cfg)
             if changed:
                 raise LorafitError(
                     f"--resume: settings differ from the run in {self.path}: {', '.join(sorted(changed))} "
@@ -81,13 +165,19 @@ class RunDir:
                 "or --overwrite to start again"
             )
 
+    def changed_settings(self, cfg: TrainConfig) -> list[str]:
+        """Settings of ``cfg`` that differ from the run's config.yaml, leaving out how a run is
+        executed (the fields tagged RUNTIME, which may change on --resume)."""
+        saved = self.config()
+        return sorted(k for k, v in cfg.to_dict().items() if k not in RUNTIME_KEYS and saved.get(k) != v)
+
     def start(self, cfg: TrainConfig) -> None:
         """Clear what --overwrite replaces and write the resolved config (called once the model
         and data have loaded, so bad input leaves no half-made run behind)."""
         if cfg.resume:
             return
         if self.path.exists() and cfg.overwrite:
-            for name in (SUMMARY, METRICS, CONFIG, "adapter", "model", CHECKPOINT, f"{CHECKPOINT}.old", f"{CHECKPOINT}.new"):
+            for name in (*RUN_FILES, "adapter", "model"):
                 target = self.path / name
                 if target.is_dir():
                     shutil.rmtree(target)
@@ -100,6 +190,18 @@ class RunDir:
         with open(self.path / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    def append_train_loss(self, record: dict[str, Any]) -> None:
+        with open(self.path / TRAIN_LOSS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def trim_train_loss(self, step: int) -> None:
+        """Drop the loss lines after ``step`` (a resumed run trains those steps again)."""
+        path = self.path / TRAIN_LOSS
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.path / SUMMARY, summary)
 
@@ -109,6 +211,9 @@ class RunDir:
         self, trainable: dict[str, torch.Tensor], training_state: dict[str, Any], state: dict[str, Any]
     ) -> None:
         """Write the checkpoint into ``checkpoint.new/`` and swap it in."""
+        import torch
+        from safetensors.torch import save_file
+
         new, old = self.path / f"{CHECKPOINT}.new", self.path / f"{CHECKPOINT}.old"
         if new.exists():
             shutil.rmtree(new)
@@ -125,9 +230,10 @@ class RunDir:
             shutil.rmtree(old)
 
     def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-        folder = self.checkpoint
-        if not (folder / "state.json").exists():  # crashed between the two renames
-            folder = self.path / f"{CHECKPOINT}.old"
+        import torch
+        from safetensors.torch import load_file
+
+        folder = self._checkpoint_folder() or self.checkpoint
         state = read_json(folder / "state.json", "checkpoint state")
         trainable = load_file(folder / "trainable.safetensors")
         # Only tensors, dicts and numbers: loads with weights_only=True (no pickled code).
@@ -135,9 +241,64 @@ class RunDir:
         return trainable, training_state, state
 
 
-def find_run(path: str | Path) -> RunDir:
-    """A finished run directory given by path, or a clear error."""
-    run = RunDir(Path(path))
-    if not (run.path / CONFIG).exists():
-        raise LorafitError(f"{run.path}: not a lorafit run directory (no {CONFIG})")
-    return run
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch already trained on
+    examples: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    best_metric: float | None = None
+    best_epoch: float | None = None
+    best_step: int | None = None
+    best_metrics: dict[str, float] | None = None
+
+    def advance(self, group: list[np.ndarray], lengths: np.ndarray, epoch_done: bool) -> None:
+        """Count one optimizer step over ``group`` (its micro-batches of example indices)."""
+        self.step += 1
+        self.examples += sum(len(g) for g in group)
+        self.tokens += int(sum(lengths[g].sum() for g in group))
+        self.batch_in_epoch += len(group)
+        if epoch_done:  # before any checkpoint of this step, which must point at the next epoch
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+
+def build_summary(cfg: TrainConfig, task: TaskSpec, counts: ParameterCount, progress: Progress,
+                  device: torch.device, num_processes: int = 1) -> dict[str, Any]:
+    """The contents of ``summary.json`` for a finished run (trained by ``num_processes`` processes)."""
+    from lorafit.hardware import hardware_info, peak_memory_gib
+    from lorafit.models import display_name
+
+    seconds = max(progress.train_seconds, 1e-9)
+    return {
+        "status": "finished",
+        "task": task.name,
+        "model": display_name(cfg.model),
+        "method": cfg.method,
+        "rank": cfg.rank if cfg.method == "lora" else None,
+        "target_modules": cfg.target_modules,
+        "seed": cfg.seed,
+        "learning_rate": cfg.learning_rate,
+        "metric": task.metric,
+        "best_metric": progress.best_metric,
+        "best_epoch": progress.best_epoch,
+        "best_step": progress.best_step,
+        "best_metrics": progress.best_metrics,
+        "steps": progress.step,
+        "num_processes": num_processes,
+        "global_batch_size": cfg.batch_size * num_processes * cfg.grad_accum,
+        "epochs": progress.epoch + (progress.batch_in_epoch > 0),
+        "trainable_parameters": {"adapter": counts.adapter, "head": counts.head,
+                                 "trainable": counts.trainable, "total": counts.total},
+        "train_seconds": round(progress.train_seconds, 2),
+        "examples_per_second": round(progress.examples / seconds, 2),
+        "tokens_per_second": round(progress.tokens / seconds, 1),
+        "peak_memory_gib": round(peak_memory_gib(device), 3),
+        "hardware": hardware_info(device),
+        "precision": cfg.precision,
+        "command": "lorafit " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "lorafit" else None,
+        "lorafit_version": __version__,
+    }

@@ -104,7 +104,7 @@ def predict_test(trained, data_dir: str | Path | None = None, batch_size: int = 
         batch_size: Examples per forward pass.
         where: How to name the model in errors (its path).
     """
-    from lorafit.train import predict_logits
+    from lorafit.evaluation import predict_logits
 
     task = _glue_task(trained.task, where)
     pad = trained.tokenizer.pad_token_id or 0

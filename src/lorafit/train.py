@@ -3,6 +3,9 @@
 ``train(cfg)`` reads top to bottom: set up data, model and optimizer; then per optimizer step
 accumulate ``grad_accum`` micro-batches, clip, step; evaluate every epoch (or ``eval_steps``);
 keep the best adapter by the task's metric; checkpoint so ``--resume`` continues bit-identically.
+Evaluation itself is :mod:`lorafit.evaluation`; the run directory and summary, :mod:`lorafit.run`;
+what several processes add (global batches, sharded evaluation, gathered weights), :mod:`lorafit.distributed`.
+The setup helpers stay here, beside the loop that uses them.
 """
 
 from __future__ import annotations
@@ -10,10 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import platform
-import resource
-import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +25,26 @@ from torch import nn
 from lorafit import __version__
 from lorafit.card import card_facts, write_card
 from lorafit.config import TrainConfig
-from lorafit.data import Encoded, TaskSpec, batch_order, collate, custom_task, encode_split, eval_batches
-from lorafit.data import TASKS, get_task, load_custom, load_split
+from lorafit.data import Encoded, TaskSpec, batch_order, collate, encode_split, load_custom, load_split
+from lorafit.distributed import (
+    check_resumable,
+    check_supported,
+    describe,
+    fill_fsdp_wrap_policy,
+    full_weights,
+    global_batches,
+    local_slice,
+    make_accelerator,
+    predict_logits_sharded,
+    process_rng_states,
+)
 from lorafit.errors import LorafitError
-from lorafit.io import atomic_write_json, read_json
-from lorafit.lora import LoRAConfig, count_parameters, inject_lora, save_adapter
+from lorafit.evaluation import evaluate
+from lorafit.lora import count_parameters, inject_lora, save_adapter
 from lorafit.lora.adapter import load_lora_weights
 from lorafit.metrics import compute_metrics
 from lorafit.models import display_name, hf_progress_bars, load_model, load_tokenizer
-from lorafit.run import RunDir
+from lorafit.run import Progress, RunDir, build_summary
 from lorafit.tracking import accelerator_kwargs, check_tracker, start_tracking
 
 # Parameters whose names contain these are not weight-decayed (as in BERT and the HF scripts).
@@ -42,18 +52,6 @@ NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight")
 
 
 # -- setup ------------------------------------------------------------------------------------
-
-
-def resolve_task(cfg: TrainConfig) -> TaskSpec:
-    """The GLUE task named by ``cfg.task``, or the user's task when custom files are given."""
-    if cfg.train_file:
-        # A GLUE name (the default "mrpc" included) would mislabel the user's data.
-        name = "custom" if cfg.task.lower().replace("-", "") in TASKS else cfg.task
-        return custom_task(
-            cfg.train_file, cfg.text_columns or ["text"], cfg.label_column,
-            name=name, regression=cfg.task_type == "regression",
-        )
-    return get_task(cfg.task)
 
 
 def load_data(cfg: TrainConfig, task: TaskSpec, tokenizer: Any) -> tuple[Encoded, dict[str, Encoded]]:
@@ -83,11 +81,10 @@ def build_model(cfg: TrainConfig, task: TaskSpec) -> nn.Module:
         _set_classifier_dropout(model, cfg.classifier_dropout)
     if cfg.method == "full":
         return model
-    lora = LoRAConfig(cfg.rank, cfg.alpha, cfg.lora_dropout, cfg.target_modules, cfg.modules_to_save, cfg.use_rslora)
-    lora = lora.resolved(model.config.model_type)
+    lora = cfg.lora_config().resolved(model.config.model_type)
     # Modules missing from the checkpoint are freshly initialised: they must be trained too.
-    lora.modules_to_save = sorted(set(lora.modules_to_save or []) | {m for m in new_modules if "." not in m})
-    inject_lora(model, lora)
+    heads = sorted(set(lora.modules_to_save or []) | {m for m in new_modules if "." not in m})
+    inject_lora(model, dataclasses.replace(lora, modules_to_save=heads))
     if cfg.init_adapter:
         load_lora_weights(model, cfg.init_adapter)
     return model
@@ -109,7 +106,14 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the peak rate, then linear decay to 0 at ``total`` steps (the paper's)."""
+    """Linear warm-up to the peak rate, then linear decay to 0 at ``total`` steps.
+
+    The shape of the paper's schedule (its scripts use ``transformers.get_linear_schedule_with_warmup``),
+    but not its formula: during warm-up this takes ``(step + 1) / (warmup + 1)`` of the peak rate,
+    where the Transformers one takes ``step / warmup`` and so spends its first step at rate 0. It
+    is kept because the committed reproduction runs (docs/reproduction) were trained with it, and
+    their ``lorafit train`` commands must give the same numbers again.
+    """
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -119,81 +123,26 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# -- evaluation -------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def predict_logits(model: nn.Module, data: Encoded, batch_size: int, pad_id: int, autocast: Any) -> np.ndarray:
-    """Model outputs for every example of ``data``, in file order."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out: np.ndarray | None = None
-    for indices, batch in eval_batches(data, batch_size, pad_id):
-        batch.pop("labels")
-        with autocast():
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
-        if out is None:
-            out = np.zeros((len(data), logits.shape[-1]), dtype=np.float32)
-        out[indices] = logits
-    model.train(was_training)
-    return out if out is not None else np.zeros((0, 1), dtype=np.float32)
-
-
-def evaluate(model: nn.Module, evals: dict[str, Encoded], task: TaskSpec, cfg: TrainConfig, pad_id: int,
-             autocast: Any) -> dict[str, float]:
-    outputs = {
-        name: (predict_logits(model, data, cfg.eval_batch_size, pad_id, autocast), data.labels)
-        for name, data in evals.items()
-    }
-    return compute_metrics(task, outputs)
-
-
 # -- the loop ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint."""
-
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of this epoch already trained on
-    examples: int = 0
-    tokens: int = 0
-    train_seconds: float = 0.0
-    best_metric: float | None = None
-    best_epoch: float | None = None
-    best_step: int | None = None
-    best_metrics: dict[str, float] | None = None
-
-    def advance(self, group: list[np.ndarray], lengths: np.ndarray, epoch_done: bool) -> None:
-        """Count one optimizer step over ``group`` (its micro-batches of example indices)."""
-        self.step += 1
-        self.examples += sum(len(g) for g in group)
-        self.tokens += int(sum(lengths[g].sum() for g in group))
-        self.batch_in_epoch += len(group)
-        if epoch_done:  # before any checkpoint of this step, which must point at the next epoch
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-
-
-def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[str, Any]:
-    """Train one run and return its summary. ``cfg.seeds`` runs are handled by :func:`train_seeds`."""
-    from accelerate import Accelerator
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train one run and return its summary. ``cfg.seeds`` runs are handled by :func:`lorafit.cli.train_seeds`."""
     from accelerate.utils import set_seed
 
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise LorafitError("--precision fp16 needs a GPU; on the CPU use bf16 or fp32")
     run = RunDir(Path(cfg.output_dir or Path("runs") / cfg.run_name()))
     run.check(cfg)
     check_tracker(cfg.report_to)
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
-                              **accelerator_kwargs(cfg, run.path))
+    accelerator = make_accelerator({"fp32": "no"}.get(cfg.precision, cfg.precision), **accelerator_kwargs(cfg, run.path))
+    if cfg.num_threads:  # after Accelerate, which sets its own thread count for CPU processes
+        torch.set_num_threads(cfg.num_threads)
+    accelerator.print(f"lorafit: {describe(accelerator, cfg.batch_size, cfg.grad_accum)}")
+    check_supported(accelerator, cfg.grad_accum)
     set_seed(cfg.seed)
 
-    task = resolve_task(cfg)
+    task = cfg.task_spec()
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_data, evals = load_data(cfg, task, tokenizer)
@@ -201,10 +150,12 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
         model = build_model(cfg, task)
     counts = count_parameters(model)
     optimizer = make_optimizer(model, cfg)
-    run.start(cfg)
+    accelerator.wait_for_everyone()  # every process has checked the run directory before it changes
+    if accelerator.is_main_process:
+        run.start(cfg)
     start_tracking(accelerator, cfg, run.path)
 
-    micro_per_epoch = len(_shard(batch_order(len(train_data), cfg.batch_size, cfg.seed, 0), accelerator))
+    micro_per_epoch = len(_epoch_batches(cfg, train_data, 0, accelerator))
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     scheduler = linear_schedule(optimizer, round(cfg.warmup_ratio * total_steps), total_steps)
@@ -212,12 +163,14 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
 
     progress, rng = Progress(), None
     if cfg.resume:
-        progress, rng = _restore(run, model, optimizer, scheduler)
+        progress, rng = _restore(run, model, optimizer, scheduler, accelerator)
+    fill_fsdp_wrap_policy(accelerator, model)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if rng is not None:  # last, so that nothing in between draws from the restored streams
         torch.set_rng_state(rng["torch_rng"])
         if rng["cuda_rng"]:
             torch.cuda.set_rng_state_all(rng["cuda_rng"])
+    state = _Session(cfg, run, accelerator, model, optimizer, scheduler, task, tokenizer, pad_id, evals, progress)
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     bar = _progress_bar(cfg, total_steps, progress.step, accelerator)
@@ -225,9 +178,7 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
     running_loss = torch.zeros((), device=accelerator.device)  # summed on device: no per-step host sync
     started = time.perf_counter() - progress.train_seconds
     while progress.step < total_steps:
-        order = batch_order(len(train_data), cfg.batch_size, cfg.seed, progress.epoch,
-                            train_data.lengths, cfg.group_by_length)
-        order = _shard(order, accelerator)
+        order = _epoch_batches(cfg, train_data, progress.epoch, accelerator)
         for start in range(progress.batch_in_epoch, len(order), cfg.grad_accum):
             group = order[start : start + cfg.grad_accum]
             running_loss += _accumulate(model, accelerator, train_data, group, pad_id)
@@ -238,65 +189,63 @@ def train(cfg: TrainConfig, _interrupt_after_step: int | None = None) -> dict[st
             optimizer.zero_grad(set_to_none=True)
             progress.advance(group, train_data.lengths, epoch_done=start + len(group) >= len(order))
             if progress.step % cfg.log_steps == 0 or progress.step == total_steps:
-                accelerator.log(_log(bar, running_loss, progress, scheduler, started, cfg.log_steps),
-                                step=progress.step)
+                values = _log(bar, running_loss, progress, scheduler, started, cfg.log_steps, run, accelerator)
+                accelerator.log(values, step=progress.step)
             bar.update(1)
             at_eval = progress.step % eval_every == 0 or progress.step == total_steps
             if at_eval:
                 progress.train_seconds = time.perf_counter() - started
-                epoch = round(progress.step / steps_per_epoch, 4)
-                _evaluate_and_keep_best(cfg, run, accelerator, model, evals, task, pad_id, progress, epoch, tokenizer)
+                state.evaluate_and_keep_best(epoch=round(progress.step / steps_per_epoch, 4))
                 started = time.perf_counter() - progress.train_seconds  # eval time is not train time
             if at_eval or (cfg.save_steps and progress.step % cfg.save_steps == 0):
                 progress.train_seconds = time.perf_counter() - started
-                _save_checkpoint(run, accelerator, model, optimizer, scheduler, progress)
-            if _interrupt_after_step is not None and progress.step >= _interrupt_after_step:
-                raise KeyboardInterrupt  # tests: an interruption between checkpoints
+                state.save_checkpoint()
             if progress.step >= total_steps:
                 break
     bar.close()
     accelerator.end_training()
     progress.train_seconds = time.perf_counter() - started
-    summary = _summary(cfg, task, counts, progress, accelerator)
+    summary = build_summary(cfg, task, counts, progress, accelerator.device, accelerator.num_processes)
     if accelerator.is_main_process:
         run.write_summary(summary)
+    accelerator.wait_for_everyone()  # the run is finished for every process once its summary exists
     return summary
 
 
-def _shard(order: list[np.ndarray], accelerator: Any) -> list[np.ndarray]:
-    """This process's batches: every n-th one, so the global batch is batch_size x processes.
-
-    With several processes the epoch is cut to a multiple of their number, so that every process
-    takes the same number of steps (as DistributedSampler's drop_last does).
-    """
+def _epoch_batches(cfg: TrainConfig, data: Encoded, epoch: int, accelerator: Any) -> list[np.ndarray]:
+    """The epoch's global micro-batches (batch_size x processes examples); each process takes a slice."""
     n = accelerator.num_processes
-    if n == 1:
-        return order
-    return order[: len(order) - len(order) % n][accelerator.process_index :: n]
+    order = batch_order(len(data), cfg.batch_size * n, cfg.seed, epoch, data.lengths, cfg.group_by_length)
+    return global_batches(order, n)
 
 
 def _accumulate(model: nn.Module, accelerator: Any, data: Encoded, group: list[np.ndarray], pad_id: int) -> torch.Tensor:
-    """Forward and backward over the micro-batches of one optimizer step; returns the loss (on device)."""
+    """Forward and backward over the micro-batches of one optimizer step; returns this process's
+    share of the loss (on device; the mean over processes is the step's loss)."""
     total = torch.zeros((), device=accelerator.device)
-    for i, indices in enumerate(group):
+    for i, global_batch in enumerate(group):
+        indices, weight = local_slice(global_batch, accelerator.num_processes, accelerator.process_index)
         batch = {k: v.to(accelerator.device) for k, v in collate(data, indices, pad_id).items()}
         last = i == len(group) - 1  # DDP all-reduces gradients on the last micro-batch only
         with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
-            loss = model(**batch).loss / len(group)
+            loss = model(**batch).loss * weight / len(group)
         accelerator.backward(loss)
         total += loss.detach()
     return total
 
 
-def _log(bar: Any, running_loss: torch.Tensor, progress: Progress, scheduler: Any, started: float,
-         every: int) -> dict[str, float]:
-    """Show loss, learning rate and speed on the bar; return them for the tracker."""
+def _log(bar: Any, running_loss: torch.Tensor, progress: Progress, scheduler: Any, started: float, every: int,
+         run: RunDir, accelerator: Any) -> dict[str, float]:
+    """Show loss, learning rate and speed on the bar and in train_loss.jsonl; return them for the tracker."""
     elapsed = max(time.perf_counter() - started, 1e-9)
     count = progress.step % every or every
-    values = {"train/loss": running_loss.item() / count, "train/learning_rate": scheduler.get_last_lr()[0],
-              "train/examples_per_second": progress.examples / elapsed}
-    bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{values['train/learning_rate']:.2e}",
-                    ex_s=f"{values['train/examples_per_second']:.0f}")
+    # Each process holds its weighted share; their mean is the loss of the global batches.
+    loss = accelerator.reduce(running_loss, "mean").item() / count
+    lr = scheduler.get_last_lr()[0]
+    values = {"train/loss": loss, "train/learning_rate": lr, "train/examples_per_second": progress.examples / elapsed}
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{values['train/examples_per_second']:.0f}")
+    if accelerator.is_main_process:
+        run.append_train_loss({"step": progress.step, "loss": loss, "learning_rate": lr})
     running_loss.zero_()
     return values
 
@@ -308,31 +257,80 @@ def _progress_bar(cfg: TrainConfig, total: int, initial: int, accelerator: Any):
                 disable=not cfg.progress or not accelerator.is_main_process, dynamic_ncols=True)
 
 
-def _evaluate_and_keep_best(cfg, run, accelerator, model, evals, task, pad_id, progress: Progress, epoch: float,
-                            tokenizer) -> None:
-    # Dev sets are small: every process evaluates all of it; only the main process writes.
-    metrics = evaluate(accelerator.unwrap_model(model), evals, task, cfg, pad_id, accelerator.autocast)
-    value = metrics[task.metric]
-    improved = progress.best_metric is None or value > progress.best_metric
-    if improved:
-        progress.best_metric, progress.best_epoch, progress.best_step = value, epoch, progress.step
-        progress.best_metrics = metrics
-    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.step)
-    if not accelerator.is_main_process:
-        return
-    run.append_metrics({"step": progress.step, "epoch": epoch, **metrics,
-                        "train_seconds": round(progress.train_seconds, 2), "best": improved})
-    if improved:
-        model = accelerator.unwrap_model(model)
-        facts = card_facts(cfg, task, metrics, epoch)
-        if cfg.method == "lora":
-            # The card's facts ride in the metadata so that `lorafit merge` can card the merged model.
-            save_adapter(model, run.adapter, {**_adapter_metadata(cfg, task), "card": facts})
-            write_card(run.adapter, facts, "peft")
-        else:
-            model.save_pretrained(run.model)
-            tokenizer.save_pretrained(run.model)
-            write_card(run.model, facts, "transformers")
+@dataclass
+class _Session:
+    """What evaluating and checkpointing need of a run in progress (the model as Accelerate prepared it)."""
+
+    cfg: TrainConfig
+    run: RunDir
+    accelerator: Any
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    task: TaskSpec
+    tokenizer: Any
+    pad_id: int
+    evals: dict[str, Encoded]
+    progress: Progress
+
+    def evaluate_and_keep_best(self, epoch: float) -> None:
+        """Evaluate, log the metrics, and save the model when it is the best so far."""
+        acc, progress, cfg = self.accelerator, self.progress, self.cfg
+        if acc.num_processes == 1:
+            metrics = evaluate(acc.unwrap_model(self.model), self.evals, self.task, cfg.eval_batch_size,
+                               self.pad_id, acc.autocast)
+        else:  # the processes share the dev set out and gather the logits (see predict_logits_sharded)
+            metrics = compute_metrics(self.task, {
+                name: (predict_logits_sharded(self.model, data, cfg.eval_batch_size, self.pad_id, acc.autocast,
+                                              acc), data.labels)
+                for name, data in self.evals.items()
+            })
+        value = metrics[self.task.metric]
+        improved = progress.best_metric is None or value > progress.best_metric
+        if improved:
+            progress.best_metric, progress.best_epoch, progress.best_step = value, epoch, progress.step
+            progress.best_metrics = metrics
+        acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.step)
+        if acc.is_main_process:
+            self.run.append_metrics({"step": progress.step, "epoch": epoch, **metrics,
+                                     "train_seconds": round(progress.train_seconds, 2), "best": improved})
+        if not improved:  # the same on every process: the metrics were computed from the same logits
+            return
+        with full_weights(acc, self.model):
+            if not acc.is_main_process:
+                return
+            model = acc.unwrap_model(self.model)
+            facts = card_facts(cfg, self.task, metrics, epoch)
+            if cfg.method == "lora":
+                # The card's facts ride in the metadata so that `lorafit merge` can card the merged model.
+                save_adapter(model, self.run.adapter, {**_adapter_metadata(cfg, self.task), "card": facts},
+                             base_model=display_name(cfg.model))
+                write_card(self.run.adapter, facts, "peft")
+            else:
+                model.save_pretrained(self.run.model)
+                self.tokenizer.save_pretrained(self.run.model)
+                write_card(self.run.model, facts, "transformers")
+
+    def save_checkpoint(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        # Dropout draws from each process's own RNG stream: all of them are saved, in rank order.
+        rngs = process_rng_states(acc) if acc.num_processes > 1 else None
+        with full_weights(acc, self.model):
+            unwrapped = acc.unwrap_model(self.model)
+            trainable = {n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
+        if not acc.is_main_process:
+            return
+        training_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "num_processes": acc.num_processes,
+        }
+        if rngs is not None:
+            training_state["process_rng"] = rngs
+        self.run.save_checkpoint(trainable, training_state, vars(self.progress).copy())
 
 
 def _adapter_metadata(cfg: TrainConfig, task: TaskSpec) -> dict[str, Any]:
@@ -348,23 +346,11 @@ def _adapter_metadata(cfg: TrainConfig, task: TaskSpec) -> dict[str, Any]:
     }
 
 
-def _save_checkpoint(run, accelerator, model, optimizer, scheduler, progress: Progress) -> None:
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    unwrapped = accelerator.unwrap_model(model)
-    trainable = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad}
-    training_state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    run.save_checkpoint(trainable, training_state, vars(progress).copy())
-
-
-def _restore(run: RunDir, model: nn.Module, optimizer, scheduler) -> tuple[Progress, dict[str, Any]]:
+def _restore(run: RunDir, model: nn.Module, optimizer, scheduler, accelerator) -> tuple[Progress, dict[str, Any]]:
     trainable, training_state, state = run.load_checkpoint()
+    check_resumable(accelerator, training_state.get("num_processes", 1))
+    if "process_rng" in training_state:
+        training_state["torch_rng"] = training_state["process_rng"][accelerator.process_index]
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     if set(trainable) != expected:
@@ -374,85 +360,7 @@ def _restore(run: RunDir, model: nn.Module, optimizer, scheduler) -> tuple[Progr
             params[name].copy_(value)
     optimizer.load_state_dict(training_state["optimizer"])
     scheduler.load_state_dict(training_state["scheduler"])
-    return Progress(**state), training_state
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    # ru_maxrss is in KiB on Linux (bytes on macOS).
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
-
-
-def _summary(cfg: TrainConfig, task: TaskSpec, counts: Any, progress: Progress, accelerator: Any) -> dict[str, Any]:
-    seconds = max(progress.train_seconds, 1e-9)
-    return {
-        "status": "finished",
-        "task": task.name,
-        "model": display_name(cfg.model),
-        "method": cfg.method,
-        "rank": cfg.rank if cfg.method == "lora" else None,
-        "target_modules": cfg.target_modules,
-        "seed": cfg.seed,
-        "learning_rate": cfg.learning_rate,
-        "metric": task.metric,
-        "best_metric": progress.best_metric,
-        "best_epoch": progress.best_epoch,
-        "best_step": progress.best_step,
-        "best_metrics": progress.best_metrics,
-        "steps": progress.step,
-        "epochs": progress.epoch + (progress.batch_in_epoch > 0),
-        "trainable_parameters": {"adapter": counts.adapter, "head": counts.head,
-                                 "trainable": counts.trainable, "total": counts.total},
-        "train_seconds": round(progress.train_seconds, 2),
-        "examples_per_second": round(progress.examples / seconds, 2),
-        "tokens_per_second": round(progress.tokens / seconds, 1),
-        "peak_memory_gib": round(peak_memory_gib(accelerator.device), 3),
-        "hardware": _hardware(accelerator.device),
-        "precision": cfg.precision,
-        "command": "lorafit " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "lorafit" else None,
-        "lorafit_version": __version__,
-    }
-
-
-def _hardware(device: torch.device) -> dict[str, Any]:
-    info = {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine()}
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def train_seeds(cfg: TrainConfig) -> dict[str, Any]:
-    """One run per seed in ``<output_dir>/seed-<s>``, and the median of the best metrics."""
-    if not cfg.seeds:
-        return train(cfg)
-    root = Path(cfg.output_dir or Path("runs") / cfg.run_name().rsplit("-seed", 1)[0])
-    summaries = []
-    for seed in cfg.seeds:
-        sub = cfg.replace(seed=seed, seeds=None, output_dir=str(root / f"seed-{seed}"))
-        if sub.resume and not RunDir(Path(sub.output_dir)).has_checkpoint():
-            sub = sub.replace(resume=False)
-        if RunDir(Path(sub.output_dir)).is_finished() and cfg.resume:
-            summaries.append(read_json(Path(sub.output_dir) / "summary.json"))
-            continue
-        summaries.append(train(sub))
-    values = [s["best_metric"] for s in summaries]
-    result = {
-        "status": "finished",
-        "seeds": list(cfg.seeds),
-        "metric": summaries[0]["metric"],
-        "median": statistics.median(values),
-        "values": values,
-        "runs": [str(root / f"seed-{s}") for s in cfg.seeds],
-    }
-    atomic_write_json(root / "seeds_summary.json", result)
-    return result
+    progress = Progress(**state)
+    if accelerator.is_main_process:  # steps trained after the checkpoint are trained again
+        run.trim_train_loss(progress.step)
+    return progress, training_state

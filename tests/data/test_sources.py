@@ -25,7 +25,7 @@ def _sha256_table(sources_md: Path) -> dict[str, str]:
     """``{"SST-2/train.tsv": sha256}`` from the file table of a SOURCES.md."""
     table = {}
     for match in re.finditer(
-        r"^\| `([\w-]+/\w+\.tsv)` \| [\d,]+ \| [\d,]+ \| `([0-9a-f]{64})`", sources_md.read_text(), re.M
+        r"^\| `([\w-]+/\w+\.tsv)` \| [\d,]+ \| [\d,]+ \| `([0-9a-f]{64})`", sources_md.read_text(), re.MULTILINE
     ):
         table[match.group(1)] = match.group(2)
     return table
@@ -224,18 +224,18 @@ def glue_dir(tmp_path: Path) -> Path:
         root / "QQP" / "train.tsv",
         [
             qqp_header,
-            "133273\t213221\t213222\tHow is the life of a math student?\t"
-            "Which level of prepration is enough?\t0",
-            '402555\t536040\t536041\tHow do I control my "horny" emotions?\t'
-            "How do you control your horniness?\t1",
+            ("133273\t213221\t213222\tHow is the life of a math student?\t"
+            "Which level of prepration is enough?\t0"),
+            ('402555\t536040\t536041\tHow do I control my "horny" emotions?\t'
+            "How do you control your horniness?\t1"),
         ],
     )
     _write(
         root / "QQP" / "dev.tsv",
         [
             qqp_header,
-            "201359\t303345\t303346\tWhy are African-Americans so beautiful?\t"
-            "Why are hispanics so beautiful?\t0",
+            ("201359\t303345\t303346\tWhy are African-Americans so beautiful?\t"
+            "Why are hispanics so beautiful?\t0"),
         ],
     )
     qnli_header = "index\tquestion\tsentence\tlabel"
@@ -243,10 +243,10 @@ def glue_dir(tmp_path: Path) -> Path:
         root / "QNLI" / "train.tsv",
         [
             qnli_header,
-            "0\tWhen did the third Digimon series begin?\t"
-            "Unlike the two seasons before it, it was darker.\tnot_entailment",
-            "1\tWhich missile batteries often have individual launchers?\t"
-            "With batteries, the launchers are individual.\tentailment",
+            ("0\tWhen did the third Digimon series begin?\t"
+            "Unlike the two seasons before it, it was darker.\tnot_entailment"),
+            ("1\tWhich missile batteries often have individual launchers?\t"
+            "With batteries, the launchers are individual.\tentailment"),
         ],
     )
     _write(
@@ -376,11 +376,11 @@ def test_hub_without_datasets_package(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_hub_unreachable_fails_fast_without_offline_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("datasets")
-    import lorafit.models
+    import lorafit.hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr(lorafit.models, "hub_reachable", lambda *args, **kwargs: False)
+    monkeypatch.setattr(lorafit.hub, "hub_reachable", lambda *args, **kwargs: False)
     with pytest.raises(LorafitError, match=r"not vendored.*no connection to the hub.*--data-dir"):
         load_split("mnli", "train")
 

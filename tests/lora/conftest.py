@@ -8,6 +8,7 @@ DeBERTa-v2's fresh ``pooler``), small enough that a forward pass takes milliseco
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -23,16 +24,33 @@ from transformers import (
 
 ARCHS = ("bert", "roberta", "deberta-v2")
 
-_SHARED = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    vocab_size=99,
-    max_position_embeddings=64,
-    num_labels=2,
-    initializer_range=0.2,  # O(1) logits, so tolerances like 1e-5 are meaningful
-)
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a tiny model's encoder lives, what LoRA adapts by default and which modules make up
+    the trained head: written out here, as the paper and PEFT have them, not read from lorafit."""
+
+    encoder: str
+    targets: tuple[str, ...]
+    heads: tuple[str, ...]
+
+
+LAYOUTS = {
+    "bert": Layout("bert", ("query", "value"), ("classifier",)),
+    "roberta": Layout("roberta", ("query", "value"), ("classifier",)),
+    "deberta-v2": Layout("deberta", ("query_proj", "value_proj"), ("classifier", "pooler")),
+}
+
+_SHARED = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 37,
+    "vocab_size": 99,
+    "max_position_embeddings": 64,
+    "num_labels": 2,
+    "initializer_range": 0.2,  # O(1) logits, so tolerances like 1e-5 are meaningful
+}
 
 
 def _build(arch: str, seed: int, overrides: dict) -> nn.Module:
@@ -42,12 +60,12 @@ def _build(arch: str, seed: int, overrides: dict) -> nn.Module:
     elif arch == "roberta":
         model_cls, config = RobertaForSequenceClassification, RobertaConfig(**kwargs)
     elif arch == "deberta-v2":
-        deberta = dict(
-            pooler_hidden_size=kwargs["hidden_size"],
-            relative_attention=True,
-            pos_att_type=["p2c", "c2p"],
-            position_buckets=8,
-        )
+        deberta = {
+            "pooler_hidden_size": kwargs["hidden_size"],
+            "relative_attention": True,
+            "pos_att_type": ["p2c", "c2p"],
+            "position_buckets": 8,
+        }
         model_cls, config = DebertaV2ForSequenceClassification, DebertaV2Config(**{**deberta, **kwargs})
     else:
         raise ValueError(arch)
@@ -81,6 +99,17 @@ def tiny_model() -> Callable[..., nn.Module]:
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def layout(arch) -> Layout:
+    """The layout of ``arch``'s tiny model (see :class:`Layout`)."""
+    return LAYOUTS[arch]
+
+
+@pytest.fixture
+def layouts() -> dict[str, Layout]:
+    return LAYOUTS
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from lorafit.lora import (
     LoRALinear,
     inject_lora,
     load_adapter,
+    lora_config_of,
     lora_layers,
     merge_lora,
     read_adapter_config,
@@ -152,7 +153,7 @@ def _snapshot(model):
 def _assert_untouched(model, snapshot, base_logits, logits_of):
     state, flags = snapshot
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    assert not hasattr(model, "lorafit_lora_config")
+    assert lora_config_of(model) is None and not hasattr(model, "lora_state")
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
@@ -329,14 +330,10 @@ def test_lora_weights_for_other_targets_are_refused(trained, tiny_model, tmp_pat
         load_lora_weights(model, tmp_path)
 
 
-def test_embedded_model_is_recorded_by_hub_id_not_by_local_path(tmp_path) -> None:
-    import json
-
-    from lorafit.lora import LoRAConfig, inject_lora, save_adapter
-    from lorafit.models import EMBEDDED_HUB_ID, load_model
-
-    model, _ = load_model("minilm", 2)
-    inject_lora(model, LoRAConfig(r=2, alpha=4))
-    save_adapter(model, tmp_path / "a")
-    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == EMBEDDED_HUB_ID
+def test_the_base_model_name_is_the_one_given(trained, tmp_path) -> None:
+    model = trained("bert")
+    save_adapter(model, tmp_path / "given", base_model="org/tiny-bert")
+    assert json.loads((tmp_path / "given" / CONFIG).read_text())["base_model_name_or_path"] == "org/tiny-bert"
+    model.config._name_or_path = "some/folder"
+    save_adapter(model, tmp_path / "default")  # without a name: the model config's own
+    assert json.loads((tmp_path / "default" / CONFIG).read_text())["base_model_name_or_path"] == "some/folder"

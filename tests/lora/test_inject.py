@@ -15,6 +15,7 @@ from lorafit.lora import (
     find_target_modules,
     head_module_names,
     inject_lora,
+    lora_config_of,
     lora_layers,
     merge_and_unload,
     merge_lora,
@@ -22,45 +23,33 @@ from lorafit.lora import (
 )
 from lorafit.models import build_from_config
 
-# Per-architecture layout of the tiny models (2 layers): where the encoder lives, what LoRA
-# adapts by default, and which modules make up the trained head.
-ENCODER = {"bert": "bert", "roberta": "roberta", "deberta-v2": "deberta"}
-TARGETS = {
-    "bert": ("query", "value"),
-    "roberta": ("query", "value"),
-    "deberta-v2": ("query_proj", "value_proj"),
-}
-HEADS = {"bert": ["classifier"], "roberta": ["classifier"], "deberta-v2": ["pooler", "classifier"]}
+
+def _expected_targets(layout) -> set[str]:
+    return {f"{layout.encoder}.encoder.layer.{i}.attention.self.{t}" for i in range(2) for t in layout.targets}
 
 
-def _expected_targets(arch: str) -> set[str]:
-    return {
-        f"{ENCODER[arch]}.encoder.layer.{i}.attention.self.{t}" for i in range(2) for t in TARGETS[arch]
-    }
-
-
-def _head_param_names(model, arch: str) -> set[str]:
-    return {n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in HEADS[arch])}
+def _head_param_names(model, layout) -> set[str]:
+    return {n for n, _ in model.named_parameters() if any(n.startswith(h + ".") for h in layout.heads)}
 
 
 def _lora_param_names(model) -> set[str]:
     return {f"{name}.{p}" for name, layer in lora_layers(model) for p in layer.adapter_params()}
 
 
-def test_default_targets_and_trainable_heads(tiny_model, arch):
+def test_default_targets_and_trainable_heads(tiny_model, arch, layout):
     model = inject_lora(tiny_model(arch), LoRAConfig(r=4, alpha=8))
-    assert {name for name, _ in lora_layers(model)} == _expected_targets(arch)
-    assert sorted(head_module_names(model)) == sorted(HEADS[arch])
+    assert {name for name, _ in lora_layers(model)} == _expected_targets(layout)
+    assert sorted(head_module_names(model)) == sorted(layout.heads)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == _lora_param_names(model) | _head_param_names(model, arch)
-    assert _head_param_names(model, arch)  # the head really has parameters
+    assert trainable == _lora_param_names(model) | _head_param_names(model, layout)
+    assert _head_param_names(model, layout)  # the head really has parameters
     if arch == "roberta":  # the two-layer head is trained whole
         assert {"classifier.dense.weight", "classifier.out_proj.weight"} <= trainable
     if arch == "deberta-v2":  # the pooler is freshly initialised, so it is trained too
         assert {"pooler.dense.weight", "pooler.dense.bias"} <= trainable
     # everything else, embeddings and LayerNorms included, is frozen
     assert not any(p.requires_grad for n, p in model.named_parameters() if "embeddings" in n)
-    assert model.lorafit_lora_config.target_modules == list(TARGETS[arch])
+    assert lora_config_of(model).target_modules == list(layout.targets)
 
 
 def test_head_is_never_adapted_even_if_targets_match_it(tiny_model):
@@ -104,7 +93,7 @@ def test_merge_unmerge_and_export_agree(tiny_model, arch, logits_of, randomize, 
 
     merge_and_unload(model)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
-    assert not hasattr(model, "lorafit_lora_config")
+    assert lora_config_of(model) is None and not hasattr(model, "lora_state")
     model.save_pretrained(tmp_path)
     exported, info = AutoModelForSequenceClassification.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -128,7 +117,7 @@ def test_merging_twice_changes_nothing(tiny_model, arch, randomize):
     assert all(torch.equal(v, once[k]) for k, v in model.state_dict().items())
 
 
-def test_optimizer_step_moves_only_lora_and_head(tiny_model, arch, batch, randomize):
+def test_optimizer_step_moves_only_lora_and_head(tiny_model, arch, layout, batch, randomize):
     model = inject_lora(tiny_model(arch), LoRAConfig(r=4, alpha=8))
     randomize(model)
     model.train()
@@ -139,7 +128,7 @@ def test_optimizer_step_moves_only_lora_and_head(tiny_model, arch, batch, random
     optimizer.step()
 
     lora = _lora_param_names(model)
-    head = _head_param_names(model, arch)
+    head = _head_param_names(model, layout)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved == lora | head
     assert all(p.grad is None for n, p in model.named_parameters() if n not in lora | head)

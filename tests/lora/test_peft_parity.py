@@ -18,27 +18,19 @@ from lorafit.lora import merge_and_unload as lorafit_merge_and_unload
 # PEFT and this transformers version disagree about a deprecated property; not lorafit's concern.
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
-TARGETS = {
-    "bert": ("query", "value"),
-    "roberta": ("query", "value"),
-    "deberta-v2": ("query_proj", "value_proj"),
-}
-HEADS = {"bert": ("classifier",), "roberta": ("classifier",), "deberta-v2": ("classifier", "pooler")}
-
-
 def _lorafit(model, use_rslora=False):
     return inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, use_rslora=use_rslora))
 
 
-def _peft(model, arch, use_rslora=False):
+def _peft(model, layout, use_rslora=False):
     # Fresh lists: PEFT extends modules_to_save in place (adding "classifier", "score").
     config = LoraConfig(
         task_type="SEQ_CLS",
         r=4,
         lora_alpha=8,
         lora_dropout=0.0,
-        target_modules=list(TARGETS[arch]),
-        modules_to_save=list(HEADS[arch]),
+        target_modules=list(layout.targets),
+        modules_to_save=list(layout.heads),
         use_rslora=use_rslora,
     )
     return get_peft_model(model, config)
@@ -71,9 +63,9 @@ def _forward(model, batch):
 
 
 @pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
-def test_logits_and_gradients_match_peft(tiny_model, arch, batch, randomize, use_rslora):
+def test_logits_and_gradients_match_peft(tiny_model, arch, layout, batch, randomize, use_rslora):
     ours = _lorafit(tiny_model(arch), use_rslora)
-    theirs = _peft(tiny_model(arch), arch, use_rslora)
+    theirs = _peft(tiny_model(arch), layout, use_rslora)
     randomize(ours, head=True)
     layers = _copy_into_peft(ours, theirs)
     assert len(layers) == 4
@@ -104,9 +96,9 @@ def test_logits_and_gradients_match_peft(tiny_model, arch, batch, randomize, use
     assert n_ours == n_theirs
 
 
-def test_merged_weights_match_peft(tiny_model, arch, randomize):
+def test_merged_weights_match_peft(tiny_model, arch, layout, randomize):
     ours = _lorafit(tiny_model(arch))
-    theirs = _peft(tiny_model(arch), arch)
+    theirs = _peft(tiny_model(arch), layout)
     randomize(ours, head=True)
     names = list(dict(_copy_into_peft(ours, theirs)))
     merged_ours = lorafit_merge_and_unload(ours)
@@ -117,7 +109,7 @@ def test_merged_weights_match_peft(tiny_model, arch, randomize):
         assert (w_ours - w_theirs).abs().max() <= 1e-6
 
 
-def test_lorafit_adapter_loads_in_peft(tiny_model, arch, randomize, logits_of, tmp_path):
+def test_lorafit_adapter_loads_in_peft(tiny_model, arch, layout, randomize, logits_of, tmp_path):
     ours = _lorafit(tiny_model(arch))
     randomize(ours, head=True)
     expected = logits_of(ours)
@@ -133,11 +125,11 @@ def test_lorafit_adapter_loads_in_peft(tiny_model, arch, randomize, logits_of, t
     assert config.peft_type == peft.PeftType.LORA
     assert config.task_type == "SEQ_CLS"
     assert (config.r, config.lora_alpha) == (4, 8)
-    assert set(config.target_modules) == set(TARGETS[arch])
+    assert set(config.target_modules) == set(layout.targets)
 
 
-def test_peft_adapter_loads_in_lorafit(tiny_model, arch, randomize, logits_of, tmp_path):
-    theirs = _peft(tiny_model(arch), arch)
+def test_peft_adapter_loads_in_lorafit(tiny_model, arch, layout, randomize, logits_of, tmp_path):
+    theirs = _peft(tiny_model(arch), layout)
     ours = _lorafit(tiny_model(arch))
     randomize(ours, head=True)
     _copy_into_peft(ours, theirs)  # a PEFT model with non-zero B and a changed head
@@ -149,20 +141,19 @@ def test_peft_adapter_loads_in_lorafit(tiny_model, arch, randomize, logits_of, t
     assert (logits_of(fresh) - expected).abs().max() > 1e-3
     load_adapter(fresh, tmp_path)
     assert (logits_of(fresh) - expected).abs().max() <= 1e-5
-    assert sorted(head_module_names(fresh)) == sorted(HEADS[arch])
+    assert sorted(head_module_names(fresh)) == sorted(layout.heads)
 
 
-def test_saved_files_match_peft_key_for_key(tiny_model, arch, tmp_path):
+def test_saved_files_match_peft_key_for_key(tiny_model, arch, layout, tmp_path):
     ours = _lorafit(tiny_model(arch))
-    theirs = _peft(tiny_model(arch), arch)
+    theirs = _peft(tiny_model(arch), layout)
     save_adapter(ours, tmp_path / "lorafit")
     theirs.save_pretrained(tmp_path / "peft")
     ours_state = load_file(tmp_path / "lorafit" / "adapter_model.safetensors")
     theirs_state = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     assert set(ours_state) == set(theirs_state)
     assert all(ours_state[k].shape == theirs_state[k].shape for k in ours_state)
-    encoder = {"bert": "bert", "roberta": "roberta", "deberta-v2": "deberta"}[arch]
-    lora_key = f"base_model.model.{encoder}.encoder.layer.0.attention.self.{TARGETS[arch][0]}.lora_A.weight"
+    lora_key = f"base_model.model.{layout.encoder}.encoder.layer.0.attention.self.{layout.targets[0]}.lora_A.weight"
     head_key = "base_model.model.classifier." + ("out_proj.weight" if arch == "roberta" else "weight")
     assert {lora_key, head_key} <= set(ours_state)
 
@@ -173,9 +164,9 @@ def test_saved_files_match_peft_key_for_key(tiny_model, arch, tmp_path):
         assert ours_config[key] == theirs_config[key], key
 
 
-def test_peft_adapter_for_other_shapes_is_refused(tiny_model, logits_of, tmp_path):
+def test_peft_adapter_for_other_shapes_is_refused(tiny_model, layouts, logits_of, tmp_path):
     # PEFT writes no lorafit metadata, so the key/shape check is what catches the wrong base.
-    _peft(tiny_model("bert"), "bert").save_pretrained(tmp_path)
+    _peft(tiny_model("bert"), layouts["bert"]).save_pretrained(tmp_path)
     model = tiny_model("bert", hidden_size=48)
     base = logits_of(model)
     with pytest.raises(LorafitError, match=r"adapter_model\.safetensors.*has shape \(4, 32\).*\(4, 48\)"):

@@ -1,5 +1,8 @@
 """GLUE data for lorafit: the task registry, loading, tokenization, batching and statistics.
 
+Modules: ``tasks`` (the registry), ``parsing`` (text to a Split), ``glue`` (GLUE files, vendored
+copies, the hub), ``custom`` (user files and their task), ``tokenization``, ``batching``, ``stats``.
+
 Typical use::
 
     task = get_task("SST-2")
@@ -10,9 +13,11 @@ Typical use::
 """
 
 from lorafit.data.batching import batch_order, collate, eval_batches, eval_order, iterate_batches
-from lorafit.data.sources import GLUE_FILES, VENDORED_TASKS, Split, load_custom, load_split, read_label_values
+from lorafit.data.custom import custom_task, load_custom, read_label_values, read_table
+from lorafit.data.glue import GLUE_FILES, VENDORED_TASKS, load_split
+from lorafit.data.parsing import Split
 from lorafit.data.stats import format_stats, split_stats
-from lorafit.data.tasks import TASKS, TaskSpec, custom_task, get_task
+from lorafit.data.tasks import TASKS, TaskSpec, get_task
 from lorafit.data.tokenization import (
     CACHE_FORMAT_VERSION,
     USE_DEFAULT_CACHE,
@@ -45,5 +50,6 @@ __all__ = [
     "load_custom",
     "load_split",
     "read_label_values",
+    "read_table",
     "split_stats",
 ]

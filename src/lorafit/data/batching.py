@@ -13,7 +13,7 @@ import torch
 
 from lorafit.data.tokenization import Encoded
 
-__all__ = ["batch_order", "collate", "iterate_batches", "eval_order", "eval_batches", "MEGABATCH_FACTOR"]
+__all__ = ["MEGABATCH_FACTOR", "batch_order", "collate", "eval_batches", "eval_order", "iterate_batches"]
 
 # Length grouping sorts within windows of this many batches: large enough that batches have
 # similar lengths, small enough that each window is still a random sample of the data.

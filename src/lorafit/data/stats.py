@@ -7,11 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from lorafit.data.sources import Split
+from lorafit.data.parsing import Split
 from lorafit.data.tasks import TaskSpec
 from lorafit.data.tokenization import Encoded
 
-__all__ = ["split_stats", "format_stats", "PERCENTILES"]
+__all__ = ["PERCENTILES", "format_stats", "split_stats"]
 
 PERCENTILES = (50, 90, 95, 99)
 

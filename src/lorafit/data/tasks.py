@@ -1,6 +1,7 @@
 """The GLUE task registry, kept as plain data.
 
 Each task is a frozen :class:`TaskSpec`; nothing else in lorafit branches on a task's name.
+(The task of user files is built by :func:`lorafit.data.custom.custom_task`.)
 Column names and label orders follow the Hugging Face ``nyu-mll/glue`` configs, so a model
 trained here uses the same label ids as one trained on the hub copy.
 """
@@ -8,13 +9,11 @@ trained here uses the same label ids as one trained on the hub copy.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from lorafit.errors import LorafitError
 
-__all__ = ["TaskSpec", "TASKS", "get_task", "custom_task"]
+__all__ = ["TASKS", "TaskSpec", "get_task"]
 
 
 @dataclass(frozen=True)
@@ -123,8 +122,7 @@ TASKS: dict[str, TaskSpec] = {
 def _normalize(name: str) -> str:
     # "SST-2", "sst_2", "STS-B", "glue/mrpc" all reduce to the HF config name.
     name = name.strip().lower()
-    if name.startswith("glue/"):
-        name = name[len("glue/") :]
+    name = name.removeprefix("glue/")
     return re.sub(r"[-_\s]", "", name)
 
 
@@ -139,61 +137,3 @@ def get_task(name: str) -> TaskSpec:
         known = ", ".join(f"{s.name} ({s.glue_dir})" for s in TASKS.values())
         raise LorafitError(f"task: unknown task {name!r}; known tasks: {known}")
     return spec
-
-
-def _sort_labels(values: set[str]) -> tuple[str, ...]:
-    # Integer labels sort numerically so "10" comes after "9"; anything else sorts as text.
-    try:
-        return tuple(sorted(values, key=int))
-    except ValueError:
-        return tuple(sorted(values))
-
-
-def custom_task(
-    train_file: str | Path,
-    text_columns: Sequence[str],
-    label_column: str,
-    *,
-    name: str = "custom",
-    regression: bool = False,
-    label_names: Sequence[str] | None = None,
-) -> TaskSpec:
-    """Build a :class:`TaskSpec` for user data (``--train-file``/``--validation-file``).
-
-    For classification the label names are the sorted distinct values of ``label_column`` in
-    ``train_file`` (numerically sorted when they are all integers), unless ``label_names`` is
-    given. The label id of a value is its position in that tuple.
-
-    Args:
-        train_file: The training file (.csv, .tsv or .jsonl) to infer label names from.
-        text_columns: One or two text column names.
-        label_column: The label column name.
-        name: Task name shown in logs and run metadata.
-        regression: Treat the label as a real-valued score instead of a class.
-        label_names: Explicit class names in label-id order; skips reading ``train_file``.
-
-    Raises:
-        LorafitError: for a bad file, a missing column, or fewer than two distinct labels.
-    """
-    text_fields = tuple(text_columns)
-    if len(text_fields) not in (1, 2):
-        raise LorafitError(f"text columns: expected 1 or 2 column names, got {len(text_fields)}")
-    if regression:
-        return TaskSpec(name, None, text_fields, None, "pearson", ("pearson", "spearmanr"))
-
-    if label_names is None:
-        # Imported here because sources.py depends on this module.
-        from lorafit.data.sources import read_label_values
-
-        label_names = _sort_labels(set(read_label_values(train_file, label_column)))
-    names = tuple(label_names)
-    if len(names) < 2:
-        raise LorafitError(
-            f"{train_file}: column {label_column!r} has {len(names)} distinct label value(s) "
-            f"{list(names)!r}; classification needs at least 2 (use regression for scores)"
-        )
-    if len(set(names)) != len(names):
-        raise LorafitError(f"label names: expected distinct names, got {list(names)!r}")
-    # F1 of class id 1 is only meaningful for two classes.
-    metrics = ("accuracy", "f1") if len(names) == 2 else ("accuracy",)
-    return TaskSpec(name, None, text_fields, names, "accuracy", metrics)

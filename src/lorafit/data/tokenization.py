@@ -19,16 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from lorafit.data.sources import Split
+from lorafit.data.parsing import Split
 from lorafit.errors import LorafitError
 
 __all__ = [
-    "Encoded",
-    "encode_split",
-    "default_cache_dir",
-    "cache_key",
     "CACHE_FORMAT_VERSION",
     "USE_DEFAULT_CACHE",
+    "Encoded",
+    "cache_key",
+    "default_cache_dir",
+    "encode_split",
 ]
 
 # Bump when the layout of cached files or the way they are computed changes.
@@ -248,7 +248,7 @@ def _load(path: Path, key: str) -> Encoded | None:
             cache_key=key,
             from_cache=True,
         )
-    except Exception:
+    except Exception:  # noqa: BLE001 - any unreadable cache file, whatever the reader raises
         # A truncated or foreign file is a cache miss, not an error: it is rewritten below.
         return None
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorafit.data.sources import Split
+from lorafit.data.parsing import Split
 from lorafit.data.tasks import TaskSpec, get_task
 from lorafit.errors import LorafitError
 

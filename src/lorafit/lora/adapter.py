@@ -20,7 +20,7 @@ from torch import nn
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_write_bytes, atomic_write_json, read_json
 from lorafit.lora.config import LoRAConfig
-from lorafit.lora.inject import head_module_names, inject_lora, lora_layers
+from lorafit.lora.inject import head_module_names, inject_lora, lora_config_of, lora_layers, unload_lora
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,8 +45,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """LoRA factors and head weights under PEFT's key names."""
     state: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model):
-        state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
-        state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+        for param in layer.adapter_params():
+            state[f"{PREFIX}{name}.{param}"] = layer.get_parameter(param)
     for head in head_module_names(model):
         for key, value in model.get_submodule(head).state_dict().items():
             state[f"{PREFIX}{head}.{key}"] = value
@@ -73,24 +73,23 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     return facts
 
 
-def save_adapter(model: nn.Module, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, metadata: dict[str, Any] | None = None,
+                 base_model: str | None = None) -> Path:
     """Write the adapter of ``model`` to ``directory`` in PEFT's format (each file atomically).
 
     Args:
         model: A model adapted with :func:`inject_lora`.
         directory: Where to write; created if needed.
         metadata: Extra lorafit facts (task, labels, ...) stored in ``lorafit_adapter.json``.
+        base_model: The base model's name for ``base_model_name_or_path`` (default: the
+            ``_name_or_path`` of the model's config). Pass a name others can load (a Hub id),
+            not a folder that exists only on this machine.
     """
-    cfg: LoRAConfig | None = getattr(model, "lorafit_lora_config", None)
+    cfg = lora_config_of(model)
     if cfg is None:
         raise LorafitError("this model has no LoRA adapter to save (inject_lora was not called)")
     directory = Path(directory)
-    from lorafit.models import display_name
-
-    # The embedded model's folder lies inside this machine's site-packages: record its Hub id,
-    # which PEFT users elsewhere can load, rather than a path that exists only here.
-    base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    base_name = display_name(base_name) if base_name else None
+    base_name = base_model or getattr(getattr(model, "config", None), "_name_or_path", None) or None
     peft_config = {
         "peft_type": "LORA",
         "task_type": "SEQ_CLS",
@@ -176,20 +175,10 @@ def load_lora_weights(model: nn.Module, directory: str | Path) -> nn.Module:
     model must be in the file with the same shape.
     """
     directory = Path(directory)
-    state = _read_weights(directory)
+    state = read_adapter_weights(directory)
     expected = {k: v for k, v in adapter_state_dict(model).items() if ".lora_A." in k or ".lora_B." in k}
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise LorafitError(
-            f"{directory / WEIGHTS_NAME}: has no LoRA weights for {len(missing)} of this model's "
-            f"LoRA layers (e.g. {missing[0]}); was it trained with other target modules?"
-        )
-    for key, tensor in expected.items():
-        if state[key].shape != tensor.shape:
-            raise LorafitError(
-                f"{directory / WEIGHTS_NAME}: '{key}' has shape {tuple(state[key].shape)}, the model expects "
-                f"{tuple(tensor.shape)} (use the adapter's rank)"
-            )
+    # The head of another task is in the file too: only missing LoRA keys are an error here.
+    _check_fits(expected, state, directory / WEIGHTS_NAME, extra_allowed=True)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key in expected:
@@ -197,7 +186,9 @@ def load_lora_weights(model: nn.Module, directory: str | Path) -> nn.Module:
     return model
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter directory under their saved (PEFT) key names."""
+    directory = Path(directory)
     if not directory.is_dir():
         raise LorafitError(f"{directory}: adapter directory not found")
     weights = directory / WEIGHTS_NAME
@@ -221,7 +212,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     cfg = read_adapter_config(directory)
     metadata = read_adapter_metadata(directory)
     weights = directory / WEIGHTS_NAME
-    state = _read_weights(directory)
+    state = read_adapter_weights(directory)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     inject_lora(model, cfg)
     try:
@@ -241,14 +232,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
 
 def _remove_lora(model: nn.Module, requires_grad: dict[str, bool]) -> None:
     """Undo :func:`inject_lora`: put the base linears back and restore the trainable flags."""
-    for name, layer in list(lora_layers(model)):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base_layer)
+    unload_lora(model, merge=False)
     for name, param in model.named_parameters():
         param.requires_grad_(requires_grad[name])
-    if hasattr(model, "lorafit_lora_config"):
-        del model.lorafit_lora_config
 
 
 def _check_state(
@@ -256,9 +242,15 @@ def _check_state(
 ) -> None:
     """Refuse ``state`` unless it was saved from this base model and fits the adapted model exactly."""
     _check_base(model, directory, metadata)
-    expected = adapter_state_dict(model)
+    _check_fits(adapter_state_dict(model), state, weights)
+
+
+def _check_fits(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], weights: Path,
+                extra_allowed: bool = False) -> None:
+    """Refuse ``state`` unless it has every key of ``expected`` (and no other, unless
+    ``extra_allowed``), each with the expected shape."""
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = [] if extra_allowed else sorted(set(state) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
@@ -267,9 +259,11 @@ def _check_state(
             parts.append(
                 f"unexpected keys {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''} ({len(unexpected)} in all)"
             )
-        raise LorafitError(f"{weights}: does not fit this model: {'; '.join(parts)}")
+        hint = "; was it trained with other target modules?" if missing else ""
+        raise LorafitError(f"{weights}: does not fit this model: {'; '.join(parts)}{hint}")
     for key, tensor in expected.items():
         if tuple(state[key].shape) != tuple(tensor.shape):
+            hint = " (use the adapter's rank)" if ".lora_" in key else ""
             raise LorafitError(
-                f"{weights}: '{key}' has shape {tuple(state[key].shape)}, the model expects {tuple(tensor.shape)}"
+                f"{weights}: '{key}' has shape {tuple(state[key].shape)}, the model expects {tuple(tensor.shape)}{hint}"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -31,9 +32,27 @@ DEFAULT_HEAD_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 
+class LoRAConfigError(LorafitError):
+    """A LoRA setting out of its range. Carries the field and the rule, so that
+    :class:`~lorafit.config.TrainConfig` can name its own flag (``--rank``) for ``r``."""
+
+    def __init__(self, field: str, rule: str, value: Any) -> None:
+        self.field, self.rule, self.value = field, rule, value
+        super().__init__(f"LoRA config field {field!r} {rule}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def default_heads(model_type: str) -> list[str]:
+    """The modules trained in full with LoRA for ``model_type`` (the task head)."""
+    return list(DEFAULT_HEAD_MODULES.get(model_type, ("classifier",)))
+
+
 @dataclass
 class LoRAConfig:
-    """How to adapt a model with LoRA.
+    """How to adapt a model with LoRA. Every rule on these values is checked here, once.
 
     Args:
         r: Rank of each update (>= 1).
@@ -45,6 +64,9 @@ class LoRAConfig:
         modules_to_save: Modules trained in full and saved with the adapter (the task head).
             ``None`` uses the architecture's default.
         use_rslora: Scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+
+    Raises:
+        LoRAConfigError: naming the first field out of range.
     """
 
     r: int = 8
@@ -55,31 +77,33 @@ class LoRAConfig:
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise LorafitError(f"LoRA config field 'r' must be an integer >= 1, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise LorafitError(f"LoRA config field 'alpha' must be a number > 0, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise LorafitError(f"LoRA config field 'dropout' must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = list(self.target_modules)
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise LorafitError(
-                    f"LoRA config field 'target_modules' must be a non-empty list of module names, "
-                    f"got {self.target_modules!r}"
-                )
-        elif isinstance(self.target_modules, str) and not self.target_modules:
-            raise LorafitError("LoRA config field 'target_modules' must not be an empty string")
-        elif self.target_modules is not None and not isinstance(self.target_modules, str):
-            raise LorafitError(
-                f"LoRA config field 'target_modules' must be a list of names or a regex, "
-                f"got {self.target_modules!r}"
-            )
+        if isinstance(self.r, bool) or not isinstance(self.r, int):
+            raise LoRAConfigError("r", "must be an integer", self.r)
+        if self.r < 1:
+            raise LoRAConfigError("r", "must be > 0", self.r)
+        if not _is_number(self.alpha):
+            raise LoRAConfigError("alpha", "must be a number", self.alpha)
+        if not self.alpha > 0:
+            raise LoRAConfigError("alpha", "must be > 0", self.alpha)
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            raise LoRAConfigError("dropout", "must be in [0, 1)", self.dropout)
+        if isinstance(self.target_modules, str):
+            if not self.target_modules:
+                raise LoRAConfigError("target_modules", "must be a regex or a list of names, not an empty string",
+                                      self.target_modules)
+        elif self.target_modules is not None:
+            self.target_modules = self._names("target_modules", self.target_modules)
         if self.modules_to_save is not None:
-            self.modules_to_save = list(self.modules_to_save)
+            self.modules_to_save = self._names("modules_to_save", self.modules_to_save)
+
+    @staticmethod
+    def _names(field: str, value: Any) -> list[str]:
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+            raise LoRAConfigError(field, "must be a non-empty list of module names", value)
+        return list(value)
 
     def resolved(self, model_type: str) -> LoRAConfig:
-        """A copy with architecture defaults filled in for ``None`` fields."""
+        """A copy with the architecture's defaults in place of ``None`` targets and heads."""
         targets = self.target_modules
         if targets is None:
             if model_type not in DEFAULT_TARGET_MODULES:
@@ -88,14 +112,8 @@ class LoRAConfig:
                     f"set 'target_modules' (known defaults: {', '.join(sorted(DEFAULT_TARGET_MODULES))})"
                 )
             targets = list(DEFAULT_TARGET_MODULES[model_type])
-        heads = self.resolved_heads_only(model_type).modules_to_save
-        return LoRAConfig(self.r, self.alpha, self.dropout, targets, heads, self.use_rslora)
-
-    def resolved_heads_only(self, model_type: str) -> LoRAConfig:
-        heads = self.modules_to_save
-        if heads is None:
-            heads = list(DEFAULT_HEAD_MODULES.get(model_type, ("classifier",)))
-        return LoRAConfig(self.r, self.alpha, self.dropout, self.target_modules, heads, self.use_rslora)
+        heads = default_heads(model_type) if self.modules_to_save is None else self.modules_to_save
+        return dataclasses.replace(self, target_modules=targets, modules_to_save=heads)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

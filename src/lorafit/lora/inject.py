@@ -14,8 +14,32 @@ from dataclasses import dataclass
 from torch import nn
 
 from lorafit.errors import LorafitError
-from lorafit.lora.config import LoRAConfig
+from lorafit.lora.config import LoRAConfig, default_heads
 from lorafit.lora.layer import LoRALinear
+
+STATE_NAME = "lora_state"
+
+
+class LoRAState(nn.Module):
+    """The resolved :class:`LoRAConfig` of an adapted model, attached as its submodule ``lora_state``.
+
+    A module rather than a loose attribute, so that it shows in ``print(model)``; it has no
+    parameters or buffers, so the model's state dict is unchanged. :func:`merge_and_unload`
+    and a refused :func:`~lorafit.lora.load_adapter` take it out again.
+    """
+
+    def __init__(self, config: LoRAConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def extra_repr(self) -> str:
+        return repr(self.config)
+
+
+def lora_config_of(model: nn.Module) -> LoRAConfig | None:
+    """The resolved LoRA config of a model adapted by :func:`inject_lora`, or None."""
+    state = getattr(model, STATE_NAME, None)
+    return state.config if isinstance(state, LoRAState) else None
 
 
 def model_type_of(model: nn.Module) -> str:
@@ -49,7 +73,10 @@ def find_target_modules(model: nn.Module, config: LoRAConfig) -> list[str]:
     Raises:
         LorafitError: if nothing matches, listing what was tried and some names the model has.
     """
-    cfg = config.resolved(model_type_of(model))
+    return _find_targets(model, config.resolved(model_type_of(model)))
+
+
+def _find_targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     heads = _resolve_heads(model, cfg.modules_to_save or [])
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _under(n, heads)]
     matched = [n for n in linear if _name_matches(n, cfg.target_modules)]
@@ -73,7 +100,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise LorafitError("this model already has LoRA layers; inject LoRA once")
     cfg = config.resolved(model_type_of(model))
-    targets = find_target_modules(model, cfg)
+    targets = _find_targets(model, cfg)
     model.requires_grad_(False)
     for name in targets:
         parent_name, _, child = name.rpartition(".")
@@ -81,7 +108,7 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         setattr(parent, child, LoRALinear(getattr(parent, child), cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
     for head in _resolve_heads(model, cfg.modules_to_save or []):
         model.get_submodule(head).requires_grad_(True)
-    model.lorafit_lora_config = cfg  # type: ignore[assignment]
+    model.add_module(STATE_NAME, LoRAState(cfg))
     return model
 
 
@@ -93,10 +120,10 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 
 def head_module_names(model: nn.Module) -> list[str]:
     """Full names of the trained-and-saved head modules of an adapted model."""
-    cfg: LoRAConfig | None = getattr(model, "lorafit_lora_config", None)
-    if cfg is None:  # not adapted (full fine-tuning): the architecture's default head
-        cfg = LoRAConfig().resolved_heads_only(model_type_of(model))
-    return _resolve_heads(model, cfg.modules_to_save or [])
+    cfg = lora_config_of(model)
+    # Not adapted (full fine-tuning): the architecture's default head.
+    heads = cfg.modules_to_save if cfg is not None else default_heads(model_type_of(model))
+    return _resolve_heads(model, heads or [])
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -118,13 +145,19 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     The result is a plain Transformers model whose ``save_pretrained`` output loads with vanilla
     ``from_pretrained``, with no lorafit installed.
     """
+    return unload_lora(model, merge=True)
+
+
+def unload_lora(model: nn.Module, merge: bool) -> nn.Module:
+    """Put each base ``nn.Linear`` back in place of its LoRA wrapper, with the update merged into
+    it (``merge``) or taken out of it (the model as it was before :func:`inject_lora`)."""
     for name, layer in list(lora_layers(model)):
-        layer.merge()
+        layer.merge() if merge else layer.unmerge()
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.base_layer)
-    if hasattr(model, "lorafit_lora_config"):
-        del model.lorafit_lora_config
+    if lora_config_of(model) is not None:
+        delattr(model, STATE_NAME)
     return model
 
 
@@ -148,7 +181,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     The paper's "# trainable" counts adapters only (Table 2); the head is trained too, and is
     reported separately.
     """
-    adapter_ids = {id(p) for _, layer in lora_layers(model) for p in (layer.lora_A.weight, layer.lora_B.weight)}
+    adapter_ids = {id(layer.get_parameter(p)) for _, layer in lora_layers(model) for p in layer.adapter_params()}
     head_ids = {id(p) for h in head_module_names(model) for p in model.get_submodule(h).parameters()}
     params = {id(p): p for p in model.parameters()}
     adapter = sum(p.numel() for i, p in params.items() if i in adapter_ids)

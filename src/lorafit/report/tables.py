@@ -1,0 +1,146 @@
+"""The markdown of ``results.md``: paper-style tables, the paper's rows, and the runs table."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from lorafit.report.paper import PAPER_ROWS, PAPER_SOURCE, PAPER_TASKS
+from lorafit.report.rows import Row, detect_sections, task_order, task_title
+from lorafit.report.runs import Group
+
+METRIC_LABELS = {"accuracy": "Acc", "matthews_correlation": "MCC", "pearson": "Pearson", "f1": "F1",
+                 "spearmanr": "Spearman"}
+
+
+def _md(text: str) -> str:
+    """Text for a markdown table cell: no emphasis from '*', no cell break from '|'."""
+    return text.replace("\\", "\\\\").replace("*", "\\*").replace("|", "\\|")
+
+
+def _pct(v: float) -> str:
+    return f"{v:.1f}"
+
+
+def _pm(s: float) -> str:
+    text = f"{s:.1f}"
+    return "±" + (text[1:] if text.startswith("0.") else text)
+
+
+def markdown_table(rows: list[Row], with_paper: bool = False, shared_tasks_only: bool = False) -> str:
+    tasks = task_order({t for r in rows for t in r.cells})
+    if shared_tasks_only:  # a row from another study may have more tasks: its averages would not compare
+        tasks = [t for t in tasks if sum(t in r.cells for r in rows) > 1] or tasks
+    metric = {t: next(r.cells[t].metric for r in rows if t in r.cells) for t in tasks}
+    ns = [len(g.values) for r in rows for g in r.cells.values()]
+    typical = max(set(ns), key=lambda n: (ns.count(n), n))  # cells with another number of seeds say so
+    titles = [f"{task_title(t)} ({METRIC_LABELS.get(metric[t], metric[t])})" for t in tasks]
+    header = ["Model & method", "# trainable", *titles, "Avg"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    for row in rows:
+        cells, medians = [], []
+        for t in tasks:
+            g = row.cells.get(t)
+            if g is None:
+                cells.append("–")
+                continue
+            text = _pct(g.median) + (_pm(g.spread) if len(g.values) > 1 else "")
+            if len(g.values) != typical:
+                text += f" (n={len(g.values)})"
+            cells.append(text)
+            medians.append(g.median)
+        avg = _pct(statistics.fmean(medians))
+        if len(medians) < len(tasks):
+            avg += f" ({len(medians)} task{'s' if len(medians) > 1 else ''})"
+        lines.append("| " + " | ".join([_md(row.label), row.trainable(), *cells, avg]) + " |")
+    if with_paper and any(t in PAPER_TASKS for t in tasks):
+        for p in PAPER_ROWS:
+            cells = [(_pct(p.values[t]) + (_pm(p.spread[t]) if p.spread else "")) if t in p.values else "–"
+                     for t in tasks]
+            shown = [p.values[t] for t in tasks if t in p.values]
+            label = f"*{_md(p.label)} (paper: Hu et al. 2022, Table 2)*"
+            avg = _pct(statistics.fmean(shown))
+            lines.append("| " + " | ".join([label, p.trainable, *cells, avg]) + " |")
+    seeds = f"{typical} seed{'s' if typical > 1 else ''}"
+    lines += ["", f"Cells without (n=…) are the median of {seeds}." if len(set(ns)) > 1
+              else f"Each measured cell is the median of {seeds}."]
+    return "\n".join(lines)
+
+
+def paper_table() -> str:
+    header = ["Model & method (paper)", "# trainable"] + [task_title(t) for t in PAPER_TASKS] + ["Avg"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    for p in PAPER_ROWS:
+        cells = [_pct(p.values[t]) + (_pm(p.spread[t]) if p.spread else "") for t in PAPER_TASKS]
+        label = f"{_md(p.label)} (paper)"
+        lines.append("| " + " | ".join([label, p.trainable, *cells, _pct(p.average)]) + " |")
+    return "\n".join(lines)
+
+
+def runs_table(groups: list[Group], rows: list[Row]) -> str:
+    label = {id(g): r.label for r in rows for g in r.cells.values()}
+    header = ["Configuration", "Task", "Seeds", "Dev values (%)", "Best epoch (median)", "Train s (median)",
+              "Examples/s (median)", "Hardware"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|---:|---:|---:|---|"]
+
+    def med(key: str, fmt: str = "g") -> str:
+        values = [r.summary.get(key) for r in g.runs if r.summary.get(key) is not None]
+        return format(statistics.median(values), fmt) if values else "–"
+
+    in_row_order = [r.cells[t] for r in rows for t in task_order(r.cells)]
+    order = {id(g): i for i, g in enumerate(in_row_order)}
+    for g in sorted(groups, key=lambda g: order.get(id(g), len(order))):
+        hardware = sorted({hardware_text(r.summary.get("hardware")) for r in g.runs})
+        lines.append("| " + " | ".join([
+            _md(label.get(id(g), "?")), task_title(g.task), ", ".join(map(str, g.seeds)),
+            ", ".join(_pct(v) for v in g.values), med("best_epoch"), med("train_seconds", ".1f"),
+            med("examples_per_second", ".1f"), "; ".join(hardware),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def hardware_text(hw: Any) -> str:
+    if not isinstance(hw, dict):
+        return str(hw or "?")
+    chip = hw.get("gpu") or hw.get("cpu") or "?"
+    n = hw.get("threads") if hw.get("device") == "cpu" else None
+    threads = f", {n} thread{'s' if n != 1 else ''}" if n else ""
+    return f"{hw.get('device', '?')}: {chip}{threads}"
+
+
+def write_markdown(rows: list[Row], groups: list[Group], command: str, plots: list[str]) -> str:
+    ns = sorted({len(g.values) for g in groups})
+    n_text = f"{ns[0]} seed{'s' if ns[0] > 1 else ''}" if len(ns) == 1 else "seeds (how many: see each table)"
+    parts = [
+        "# lorafit report",
+        "",
+        (f"Generated from {sum(len(g.runs) for g in groups)} finished runs ({len(groups)} configuration x "
+         f"task groups) by `{command}`; run it again to regenerate these tables and plots. "
+         "Per-run details and the command that reproduces each run are in `results.csv`."),
+        "",
+        (f"Dev-set results in %, median over {n_text} (best epoch of each run, as in the paper) "
+        "± half the range over seeds, (max − min) / 2. Metrics as in the paper: Matthews correlation for "
+        "CoLA, Pearson correlation for STS-B, accuracy for the other tasks (MNLI: matched and mismatched "
+        "together). # trainable counts the LoRA weights only, without the trained classification head, as "
+        "the paper counts them; for full fine-tuning it is every weight. Avg averages the tasks present in "
+        f"the row. Rows in *italics* are the paper's ({PAPER_SOURCE}), not measured here; the paper's ± is "
+        "its own spread over 5 seeds, and its FT\\* numbers are copied from prior work."),
+    ]
+    for section in detect_sections(rows):
+        parts += ["", f"## {section.title}", ""]
+        if section.intro:
+            parts += [section.intro, ""]
+        parts.append(markdown_table(section.rows, section.with_paper, section.shared_tasks_only))
+    parts += [
+        "", "## Reference: the paper's RoBERTa-base rows", "",
+        (f"From {PAPER_SOURCE} (GLUE dev sets, %; \\* = numbers the paper copied from prior work; "
+         "LoRA: median over 5 seeds). Avg is the paper's, over its 8 tasks."), "",
+        paper_table(),
+        "", "## Runs", "",
+        runs_table(groups, rows),
+    ]
+    if plots:
+        parts += ["", "## Plots", ""]
+        parts.append("\n\n".join(f"![{Path(p).stem}]({p})" for p in plots))
+    return "\n".join(parts) + "\n"
