@@ -1,5 +1,5 @@
-"""Fixtures shared by the whole suite: the embedded tokenizer, tiny model and run settings,
-and a way to interrupt training between checkpoints."""
+"""Fixtures shared by the whole suite: the embedded tokenizer, tiny model and run settings, a tiny
+random BERT saved as a model folder, and a way to interrupt training between checkpoints."""
 
 from __future__ import annotations
 
@@ -26,6 +26,33 @@ def tokenizer():
     from lorafit.models import load_tokenizer
 
     return load_tokenizer("minilm")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A 2-layer, hidden-32 random BERT with the embedded model's tokenizer, saved like a Hub
+    model: ``--model DIR`` trains and predicts with it in milliseconds per batch."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(**{**TINY_MODEL, "vocab_size": tokenizer.vocab_size}, max_position_embeddings=128)
+    # The encoder alone, like a pretrained checkpoint: every task gets a fresh head of its size.
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a busy 2-core machine, thread hand-offs cost more than tiny models' math."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

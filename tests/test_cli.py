@@ -237,3 +237,43 @@ def test_custom_csv_task_trains_and_predicts_its_own_labels(tmp_path, capsys):
     assert set(record["probabilities"]) == {"neg", "pos"}
     assert main(["eval", str(run)]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(summary["best_metrics"]["accuracy"])
+
+
+def test_help_states_each_default_once():
+    from lorafit.cli import build_parser
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    helps = {a.option_strings[0]: a.help for a in train_parser._actions if a.help and a.option_strings}
+    assert all(text.count("(default:") <= 1 for text in helps.values()), helps
+    assert helps["--target-modules"].endswith("(default: the architecture's query,value)")
+    assert helps["--rank"] == "LoRA rank r (default: 8)"
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_no_progress_hides_the_bars_and_loading_never_shows_one(progress, tiny_model_dir, tmp_path, capfd, one_thread):
+    # Transformers' per-load "Loading weights" bar is always off (it buried one-line errors);
+    # --progress is lorafit's own training bar.
+    flag = "--progress" if progress else "--no-progress"
+    args = ["train", "--model", str(tiny_model_dir), "--task", "rte", "--max-train-samples", "16",
+            "--max-eval-samples", "8", "--max-steps", "1", "--max-length", "32", flag,
+            "--output-dir", str(tmp_path / "run")]
+    assert main(args) == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err
+    assert ("step/s" in err) == progress
+
+
+def test_recipes_lists_model_task_and_source(capsys):
+    from lorafit.recipes import list_recipes
+
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["recipe", "model", "method", "task", "source"]
+    assert len(lines) == 1 + len(list_recipes())
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert rows["paper/roberta-base/mrpc"].split()[1:4] == ["FacebookAI/roberta-base", "lora", "mrpc"]
+    assert "LoRA paper (Hu et al., ICLR 2022), Appendix D.1, Table 9" in rows["paper/roberta-base/mrpc"]
+    assert rows["minilm/full/sst2"].split()[1:4] == ["minilm", "full", "sst2"]
+    assert "measured: accuracy 88.1" in rows["minilm/full/sst2"]
+    assert main(["recipes", "--names"]) == 0
+    assert capsys.readouterr().out.splitlines() == list_recipes()

@@ -114,6 +114,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from lorafit.inference import load_trained, predict_texts, read_inputs
 
+    if args.split:
+        return _predict_split(args)
     if bool(args.text) == bool(args.input):
         raise LorafitError("predict: give sentences with --text (repeatable) or a file with --input, not both")
     pairs = [(t, args.text_pair[i] if args.text_pair and i < len(args.text_pair) else None)
@@ -122,6 +124,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for record in predict_texts(trained, pairs, batch_size=args.batch_size):
         print(json.dumps(record))
     return 0
+
+
+def _predict_split(args: argparse.Namespace) -> int:
+    from lorafit.submit import write_test_predictions
+
+    if args.text or args.input:
+        raise LorafitError("predict: --split predicts a whole GLUE split; leave out --text and --input")
+    if not args.output:
+        raise LorafitError("predict: --split test needs --output DIR for the GLUE submission file(s)")
+    for path in write_test_predictions(args.path, args.output, args.data_dir, args.batch_size, args.overwrite):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from lorafit.submit import run_submit_cli
+
+    return run_submit_cli(args)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -147,9 +167,9 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from lorafit.recipes import list_recipes
+    from lorafit.recipes import list_recipes, recipes_table
 
-    print("\n".join(list_recipes()))
+    print("\n".join(list_recipes()) if args.names else recipes_table())
     return 0
 
 
@@ -189,6 +209,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from lorafit.config import TrainConfig
     from lorafit.report.make import add_report_arguments
+    from lorafit.submit import add_submit_arguments
     from lorafit.sweep.cli import add_sweep_arguments
 
     parser = _Parser(prog="lorafit", description="LoRA fine-tuning of encoder models on GLUE.")
@@ -215,7 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-pair", action="append", help="second sentence for pair tasks (repeatable, in order)")
     p.add_argument("--input", help="a .txt (one example per line; tab separates a pair), .tsv, .csv or .jsonl file")
     p.add_argument("--batch-size", type=count(), default=64)
+    p.add_argument("--split", choices=["test"], help="predict a GLUE test split in the GLUE server's format")
+    p.add_argument("--output", help="with --split: folder for the task's submission file (SST-2.tsv, ...)")
+    p.add_argument("--data-dir", help="with --split: GLUE-layout folder for test files that are not vendored")
+    p.add_argument("--overwrite", action="store_true", help="with --split: replace existing files")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("submit", help="zip GLUE test predictions of one run per task for the GLUE server")
+    add_submit_arguments(p)
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("merge", help="export a merged plain Transformers model")
     p.add_argument("path", help="run directory or adapter directory")
@@ -246,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir")
     s.set_defaults(func=cmd_data_stats)
 
-    p = sub.add_parser("recipes", help="list the shipped recipes")
+    p = sub.add_parser("recipes", help="list the shipped recipes: model, task and source of each")
+    p.add_argument("--names", action="store_true", help="only the names, one per line")
     p.set_defaults(func=cmd_recipes)
     return parser
 

@@ -113,7 +113,8 @@ class TrainConfig:
     log_steps: int = field(default=20, metadata=_help("update the progress bar's loss every N steps", RUNTIME))
     num_threads: int | None = field(default=None, metadata=_help("CPU threads for torch (default: torch's choice)", RUNTIME))
     trust_remote_code: bool = field(default=False, metadata=_help("allow model code from the Hub (off unless asked for)"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar", RUNTIME, ONE_OFF))
+    progress: bool = field(default=True, metadata=_help("show progress bars", RUNTIME, ONE_OFF))
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = field(default="none", metadata=_help("log loss, learning rate, speed and dev metrics to this tracker (through Accelerate); tensorboard writes <run>/tensorboard/", RUNTIME))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -149,7 +150,8 @@ class TrainConfig:
         for name, allowed in (("method", ("lora", "full")), ("precision", ("auto", "fp32", "bf16", "fp16")),
                               ("task_type", ("classification", "regression")),
                               ("compile_mode", ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")),
-                              ("device", ("auto", "cpu", "cuda"))):
+                              ("device", ("auto", "cpu", "cuda")),
+                              ("report_to", ("none", "tensorboard", "wandb", "mlflow"))):
             if getattr(self, name) not in allowed:
                 raise FieldError(name, f"{flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.method == "full" and self.init_adapter:

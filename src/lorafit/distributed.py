@@ -44,8 +44,9 @@ def refuse_launched(command: str, hint: str) -> None:
         raise LorafitError(f"{command} runs as one process but was launched as {launched_world_size()}; {hint}")
 
 
-def make_accelerator(mixed_precision: str, device: torch.device | None = None) -> Any:
-    """An Accelerator joined to the process group the launcher set up.
+def make_accelerator(mixed_precision: str, device: torch.device | None = None, **kwargs: Any) -> Any:
+    """An Accelerator joined to the process group the launcher set up (``kwargs``: more of
+    ``Accelerator``'s arguments, such as the trackers of ``--report-to``).
 
     Without a GPU, Accelerate only builds a CPU process group when told to use the CPU
     (``cpu=True`` or ``ACCELERATE_USE_CPU``): under torchrun it otherwise sees ``LOCAL_RANK`` but no
@@ -68,7 +69,7 @@ def make_accelerator(mixed_precision: str, device: torch.device | None = None) -
     # ``device`` is the run's resolved --device: a CPU run on a machine with a GPU stays on the CPU.
     cpu = device.type == "cpu" if device is not None else world > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision,
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+                              dataloader_config=DataLoaderConfiguration(split_batches=True), **kwargs)
     if accelerator.num_processes != world:
         raise LorafitError(
             f"launched as {world} processes, but Accelerate set up {accelerator.num_processes} "

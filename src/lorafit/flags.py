@@ -59,7 +59,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._Argument
         flag = flag_name(f.name)
         tp = _strip_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = f.metadata.get("help", "")
+        if "(default:" not in help_text:  # a help text that explains its default says it once
+            help_text += f" (default: {default})"
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif get_origin(tp) is Literal:

@@ -236,6 +236,9 @@ def export_merged(path: str | Path, output: str | Path, overwrite: bool = False)
             "task_spec": dataclasses.asdict(task) if task else None,
             "max_length": trained.max_length,
         })
+        from lorafit.card import facts_for_export, write_card
+
+        write_card(tmp, facts_for_export(path, trained, output), "transformers", output)
     return output
 
 

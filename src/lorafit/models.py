@@ -9,8 +9,10 @@ offline with random weights for counting and speed work.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,22 @@ def _location(name: str) -> tuple[str, dict[str, Any]]:
             f"Use the embedded model (--model minilm) or a local copy (--model PATH)"
         )
     return location, {}
+
+
+@contextlib.contextmanager
+def hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn Transformers' own progress bars (its "Loading weights" bar) off inside the block
+    when ``enabled`` is false, as ``--no-progress`` asks, and restore them after."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lorafit import __version__, fastpath
+from lorafit.card import card_facts, write_card
 from lorafit.config import TrainConfig
 from lorafit.data import Encoded, TaskSpec, batch_order, collate, encode_split, load_custom, load_split
 from lorafit.distributed import (
@@ -44,9 +45,10 @@ from lorafit.io import atomic_dir
 from lorafit.lora import count_parameters, inject_lora, lora_layers, save_adapter
 from lorafit.lora.adapter import load_lora_weights
 from lorafit.metrics import compute_metrics
-from lorafit.models import display_name, load_model, load_tokenizer
+from lorafit.models import display_name, hf_progress_bars, load_model, load_tokenizer
 from lorafit.paths import check_output
 from lorafit.run import Progress, RunDir, build_summary
+from lorafit.tracking import accelerator_kwargs, check_tracker, start_tracking
 
 # Parameters whose names contain these are not weight-decayed (as in BERT and the HF scripts).
 NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight")
@@ -174,7 +176,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     run = RunDir(Path(cfg.output_dir or Path("runs") / cfg.run_name()))
     check_output("--output-dir", run.path, output_inputs(cfg))
     run.check(cfg)
-    accelerator = make_accelerator({"fp32": "no"}.get(precision, precision), device)
+    check_tracker(cfg.report_to)
+    accelerator = make_accelerator({"fp32": "no"}.get(precision, precision), device,
+                                   **accelerator_kwargs(cfg, run.path))
     # After Accelerate, which sets its own thread count for CPU processes (cores / processes). One
     # process takes every physical core: hyper-threads share a core's matrix units and only contend.
     if cfg.num_threads or accelerator.num_processes == 1:
@@ -187,7 +191,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_data, evals = load_data(cfg, task, tokenizer)
-    model = build_model(cfg, task)
+    with hf_progress_bars(cfg.progress):
+        model = build_model(cfg, task)
     check_max_length(model, cfg.max_length)
     counts = count_parameters(model)
     if frozen_bf16:
@@ -197,6 +202,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()  # every process has checked the run directory before it changes
     if accelerator.is_main_process:
         run.start(cfg)
+    start_tracking(accelerator, cfg, run.path)
 
     micro_per_epoch = len(_epoch_batches(cfg, train_data, 0, accelerator))
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
@@ -246,7 +252,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             shapes.stop()
             progress.advance(group, train_data.lengths, epoch_done=start + len(group) >= len(order))
             if progress.step % cfg.log_steps == 0 or progress.step == total_steps:
-                _log(bar, running_loss, progress, scheduler, started, cfg.log_steps, run, accelerator)
+                values = _log(bar, running_loss, progress, scheduler, started, cfg.log_steps, run, accelerator)
+                accelerator.log(values, step=progress.step)
             bar.update(1)
             at_eval = progress.step % eval_every == 0 or progress.step == total_steps
             at_save = at_eval or (cfg.save_steps and progress.step % cfg.save_steps == 0)
@@ -263,11 +270,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if progress.step >= total_steps:
                 break
     bar.close()
+    # Not accelerator.end_training(): it also destroys the process group, which the summary's
+    # barrier and any further seeds still need.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     progress.train_seconds = time.perf_counter() - started
     summary = build_summary(cfg, task, counts, progress, accelerator.device, accelerator.num_processes)
     summary.update(precision=precision, compile_seconds=round(shapes.seconds, 2), speed={
         "frozen_bf16": frozen_bf16, "compile": cfg.compile, "length_buckets": list(buckets) if buckets else None,
-        "fused_optimizer": cfg.fused_optimizer, "attention": getattr(accelerator.unwrap_model(model).config, "_attn_implementation", None)})
+        "fused_optimizer": cfg.fused_optimizer,
+        "attention": getattr(accelerator.unwrap_model(model).config, "_attn_implementation", None)})
     if accelerator.is_main_process:
         run.write_summary(summary)
     accelerator.wait_for_everyone()  # the run is finished for every process once its summary exists
@@ -298,16 +310,19 @@ def _accumulate(model: nn.Module, accelerator: Any, data: Encoded, group: list[n
 
 
 def _log(bar: Any, running_loss: torch.Tensor, progress: Progress, scheduler: Any, started: float, every: int,
-         run: RunDir, accelerator: Any) -> None:
+         run: RunDir, accelerator: Any) -> dict[str, float]:
+    """Show loss, learning rate and speed on the bar and in train_loss.jsonl; return them for the tracker."""
     elapsed = max(time.perf_counter() - started, 1e-9)
     count = progress.step % every or every
     # Each process holds its weighted share; their mean is the loss of the global batches.
     loss = accelerator.reduce(running_loss, "mean").item() / count
     lr = scheduler.get_last_lr()[0]
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{progress.examples / elapsed:.0f}")
+    values = {"train/loss": loss, "train/learning_rate": lr, "train/examples_per_second": progress.examples / elapsed}
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{values['train/examples_per_second']:.0f}")
     if accelerator.is_main_process:
         run.append_train_loss({"step": progress.step, "loss": loss, "learning_rate": lr})
     running_loss.zero_()
+    return values
 
 
 def _progress_bar(cfg: TrainConfig, total: int, initial: int, accelerator: Any):
@@ -350,19 +365,25 @@ class _Session:
         if improved:
             progress.best_metric, progress.best_epoch, progress.best_step = value, epoch, progress.step
             progress.best_metrics = metrics
+        acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.step)
         # The best model first, then the line that calls it best: a failed write leaves no such line.
         # ``improved`` is the same on every process: the metrics come from the same gathered logits.
         if improved:
             with full_weights(acc, self.model):
                 if acc.is_main_process:
                     model = acc.unwrap_model(self.model)
-                    with atomic_dir(self.run.adapter if cfg.method == "lora" else self.run.model) as tmp:
+                    facts = card_facts(cfg, self.task, metrics, epoch)
+                    final = self.run.adapter if cfg.method == "lora" else self.run.model
+                    with atomic_dir(final) as tmp:
                         if cfg.method == "lora":
-                            save_adapter(model, tmp, _adapter_metadata(cfg, self.task),
+                            # The card's facts ride in the metadata so that `lorafit merge` can card the
+                            # merged model.
+                            save_adapter(model, tmp, {**_adapter_metadata(cfg, self.task), "card": facts},
                                          base_model=display_name(cfg.model))
                         else:
                             model.save_pretrained(tmp)
                             self.tokenizer.save_pretrained(tmp)
+                        write_card(tmp, facts, "peft" if cfg.method == "lora" else "transformers", final)
         if acc.is_main_process:
             self.run.append_metrics({"step": progress.step, "epoch": epoch, **metrics,
                                      "train_seconds": round(progress.train_seconds, 2), "best": improved})
