@@ -348,3 +348,15 @@ def test_the_committed_reproduction_report_is_what_its_runs_give(tmp_path: Path,
     doc = (repo / "docs" / "reproduction.md").read_text(encoding="utf-8")
     rows = [line for line in (tmp_path / "results.md").read_text(encoding="utf-8").splitlines() if line.startswith("| ")]
     assert len(rows) > 40 and all(row in doc for row in rows)
+
+
+def test_the_committed_converged_protocol_tables_are_what_its_runs_give(tmp_path: Path, monkeypatch) -> None:
+    # The converged protocol's learning-rate search (docs/reproduction/converged) is generated too.
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    studies = [f"docs/reproduction/runs/converged/{s}" for s in ("lr-lora", "lr-full")]
+    command = shlex.join(["lorafit", "report", *studies, "--output", "docs/reproduction/converged"])
+    make_report([Path(s) for s in studies], tmp_path, command=command)
+    committed = repo / "docs" / "reproduction" / "converged"
+    for name in ("results.md", "results.csv"):
+        assert (tmp_path / name).read_text(encoding="utf-8") == (committed / name).read_text(encoding="utf-8"), name
