@@ -5,16 +5,15 @@ accumulate ``grad_accum`` micro-batches, clip, step; evaluate every epoch (or ``
 keep the best adapter by the task's metric; checkpoint so ``--resume`` continues bit-identically.
 Evaluation itself is :mod:`lorafit.evaluation`; the run directory and summary, :mod:`lorafit.run`;
 what several processes add (global batches, sharded evaluation, gathered weights), :mod:`lorafit.distributed`.
-The setup helpers stay here, beside the loop that uses them.
+Setting a run up (data, model, optimizer, schedule) is :mod:`lorafit.setup`; evaluating, keeping
+the best model and checkpointing a run in progress, :mod:`lorafit.session`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,141 +21,33 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorafit import __version__, fastpath
-from lorafit.card import card_facts, write_card
+from lorafit import fastpath
 from lorafit.config import TrainConfig
-from lorafit.data import Encoded, TaskSpec, batch_order, collate, encode_split, load_custom, load_split
+from lorafit.data import Encoded, batch_order, collate
 from lorafit.distributed import (
-    check_resumable,
     check_supported,
     describe,
     fill_fsdp_wrap_policy,
-    full_weights,
     global_batches,
     local_slice,
     make_accelerator,
-    predict_logits_sharded,
-    process_rng_states,
 )
 from lorafit.divergence import DivergenceGuard
 from lorafit.errors import LorafitError
-from lorafit.evaluation import evaluate
-from lorafit.io import atomic_dir
-from lorafit.lora import count_parameters, inject_lora, lora_layers, save_adapter
-from lorafit.lora.adapter import load_lora_weights
-from lorafit.metrics import compute_metrics
-from lorafit.models import display_name, hf_progress_bars, load_model, load_tokenizer
+from lorafit.lora import count_parameters
+from lorafit.models import hf_progress_bars, load_tokenizer
 from lorafit.paths import check_output
 from lorafit.run import Progress, RunDir, build_summary
+from lorafit.session import _restore, _Session
+from lorafit.setup import (
+    build_model,
+    check_max_length,
+    linear_schedule,
+    load_data,
+    make_optimizer,
+    output_inputs,
+)
 from lorafit.tracking import accelerator_kwargs, check_tracker, start_tracking
-
-# Parameters whose names contain these are not weight-decayed (as in BERT and the HF scripts).
-NO_DECAY = ("bias", "LayerNorm.weight", "layernorm.weight", "layer_norm.weight")
-
-
-# -- setup ------------------------------------------------------------------------------------
-
-
-def load_data(cfg: TrainConfig, task: TaskSpec, tokenizer: Any) -> tuple[Encoded, dict[str, Encoded]]:
-    """Tokenized training split and dev split(s), subsampled as the config asks."""
-    if cfg.train_file:
-        cols, label = cfg.text_columns or ["text"], cfg.label_column
-        train_split = load_custom(cfg.train_file, cols, label, task, split="train")
-        eval_splits = {"validation": load_custom(cfg.validation_file, cols, label, task, split="validation")}
-    else:
-        train_split = load_split(task, "train", cfg.data_dir)
-        eval_splits = {s: load_split(task, s, cfg.data_dir) for s in task.eval_splits}
-    train = encode_split(train_split, tokenizer, cfg.max_length)
-    evals = {name: encode_split(split, tokenizer, cfg.max_length) for name, split in eval_splits.items()}
-    # Subsets are drawn with a fixed seed, so runs with different --seed see the same examples.
-    if cfg.max_train_samples and cfg.max_train_samples < len(train):
-        train = train.select(np.random.default_rng(0).permutation(len(train))[: cfg.max_train_samples])
-    if cfg.max_eval_samples:
-        evals = {k: v.select(np.arange(min(cfg.max_eval_samples, len(v)))) for k, v in evals.items()}
-    return train, evals
-
-
-def build_model(cfg: TrainConfig, task: TaskSpec) -> nn.Module:
-    model, new_modules = load_model(
-        cfg.model, task.num_labels, list(task.label_names or []) or None, cfg.trust_remote_code
-    )
-    if cfg.classifier_dropout is not None:
-        _set_classifier_dropout(model, cfg.classifier_dropout)
-    if cfg.method == "full":
-        return model
-    lora = cfg.lora_config().resolved(model.config.model_type)
-    # Modules missing from the checkpoint are freshly initialised: they must be trained too.
-    heads = sorted(set(lora.modules_to_save or []) | {m for m in new_modules if "." not in m})
-    inject_lora(model, dataclasses.replace(lora, modules_to_save=heads))
-    if cfg.init_adapter:
-        load_lora_weights(model, cfg.init_adapter)
-    return model
-
-
-def check_max_length(model: nn.Module, max_length: int) -> None:
-    """Refuse a ``--max-length`` longer than the model's absolute position embeddings."""
-    config = model.config
-    if getattr(config, "position_biased_input", True) is False:  # DeBERTa: relative positions only
-        return
-    positions = getattr(config, "max_position_embeddings", None)
-    if not positions:
-        return
-    # RoBERTa numbers positions from padding_idx + 1, so two of its 514 embeddings are unusable.
-    usable = positions - (config.pad_token_id + 1 if config.model_type in ("roberta", "xlm-roberta") else 0)
-    if max_length > usable:
-        raise LorafitError(f"--max-length {max_length}: longer than the model's {usable} position embeddings "
-                           f"(use --max-length {usable} or less)")
-
-
-def output_inputs(cfg: TrainConfig) -> list[tuple[str, str | None]]:
-    """The files and folders a run reads, which its output directory must stay clear of."""
-    model = cfg.model if Path(cfg.model).expanduser().exists() else None
-    return [("--train-file", cfg.train_file), ("--validation-file", cfg.validation_file),
-            ("--data-dir", cfg.data_dir), ("--init-adapter", cfg.init_adapter), ("--model", model)]
-
-
-def _set_classifier_dropout(model: nn.Module, p: float) -> None:
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Dropout) and ("classifier" in name or "pooler" in name or name == "dropout"):
-            module.p = p
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters, biases and LayerNorms without weight decay.
-
-    With LoRA+ (Hayou et al., ICML 2024) the B matrices get their own group at
-    ``loraplus_lr_ratio`` times the learning rate; everything else (A, DoRA magnitudes, the head)
-    keeps the base rate. The schedule scales every group's rate by the same factor.
-    """
-    decay, no_decay, lora_b = [], [], []
-    b_ids = {id(layer.lora_B.weight) for _, layer in lora_layers(model)} if cfg.loraplus_lr_ratio else set()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (lora_b if id(p) in b_ids else no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.loraplus_lr_ratio:
-        groups.append({"params": lora_b, "weight_decay": cfg.weight_decay, "lr": cfg.learning_rate * cfg.loraplus_lr_ratio})
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                             **fastpath.adamw_kwargs(cfg.fused_optimizer, decay + no_decay + lora_b))
-
-
-def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the peak rate, then linear decay to 0 at ``total`` steps.
-
-    The shape of the paper's schedule (its scripts use ``transformers.get_linear_schedule_with_warmup``),
-    but not its formula: during warm-up this takes ``(step + 1) / (warmup + 1)`` of the peak rate,
-    where the Transformers one takes ``step / warmup`` and so spends its first step at rate 0. It
-    is kept because the committed reproduction runs (docs/reproduction) were trained with it, and
-    their ``lorafit train`` commands must give the same numbers again.
-    """
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
 
 # -- the loop ---------------------------------------------------------------------------------
 
@@ -330,121 +221,3 @@ def _progress_bar(cfg: TrainConfig, total: int, initial: int, accelerator: Any):
 
     return tqdm(total=total, initial=initial, desc=f"{cfg.task} {cfg.method}", unit="step",
                 disable=not cfg.progress or not accelerator.is_main_process, dynamic_ncols=True)
-
-
-@dataclass
-class _Session:
-    """What evaluating and checkpointing need of a run in progress (the model as Accelerate prepared it)."""
-
-    cfg: TrainConfig
-    run: RunDir
-    accelerator: Any
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    task: TaskSpec
-    tokenizer: Any
-    pad_id: int
-    evals: dict[str, Encoded]
-    progress: Progress
-
-    def evaluate_and_keep_best(self, epoch: float) -> None:
-        """Evaluate, log the metrics, and save the model when it is the best so far."""
-        acc, progress, cfg = self.accelerator, self.progress, self.cfg
-        if acc.num_processes == 1:
-            metrics = evaluate(acc.unwrap_model(self.model), self.evals, self.task, cfg.eval_batch_size,
-                               self.pad_id, acc.autocast)
-        else:  # the processes share the dev set out and gather the logits (see predict_logits_sharded)
-            metrics = compute_metrics(self.task, {
-                name: (predict_logits_sharded(self.model, data, cfg.eval_batch_size, self.pad_id, acc.autocast,
-                                              acc), data.labels)
-                for name, data in self.evals.items()
-            })
-        value = metrics[self.task.metric]
-        improved = progress.best_metric is None or value > progress.best_metric
-        if improved:
-            progress.best_metric, progress.best_epoch, progress.best_step = value, epoch, progress.step
-            progress.best_metrics = metrics
-        acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.step)
-        # The best model first, then the line that calls it best: a failed write leaves no such line.
-        # ``improved`` is the same on every process: the metrics come from the same gathered logits.
-        if improved:
-            with full_weights(acc, self.model):
-                if acc.is_main_process:
-                    model = acc.unwrap_model(self.model)
-                    facts = card_facts(cfg, self.task, metrics, epoch)
-                    final = self.run.adapter if cfg.method == "lora" else self.run.model
-                    with atomic_dir(final) as tmp:
-                        if cfg.method == "lora":
-                            # The card's facts ride in the metadata so that `lorafit merge` can card the
-                            # merged model.
-                            save_adapter(model, tmp, {**_adapter_metadata(cfg, self.task), "card": facts},
-                                         base_model=display_name(cfg.model))
-                        else:
-                            model.save_pretrained(tmp)
-                            self.tokenizer.save_pretrained(tmp)
-                        write_card(tmp, facts, "peft" if cfg.method == "lora" else "transformers", final)
-        if acc.is_main_process:
-            self.run.append_metrics({"step": progress.step, "epoch": epoch, **metrics,
-                                     "train_seconds": round(progress.train_seconds, 2), "best": improved})
-
-    def save_checkpoint(self) -> None:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        # Dropout draws from each process's own RNG stream: all of them are saved, in rank order.
-        rngs = process_rng_states(acc) if acc.num_processes > 1 else None
-        with full_weights(acc, self.model):
-            unwrapped = acc.unwrap_model(self.model)
-            trainable = {n: p.detach().cpu().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
-        if not acc.is_main_process:
-            return
-        training_state = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "num_processes": acc.num_processes,
-        }
-        if rngs is not None:
-            training_state["process_rng"] = rngs
-        self.run.save_checkpoint(trainable, training_state, vars(self.progress).copy())
-
-
-def _adapter_metadata(cfg: TrainConfig, task: TaskSpec) -> dict[str, Any]:
-    return {
-        "model": display_name(cfg.model),
-        "model_arg": cfg.model,
-        "task": task.name,
-        "task_spec": dataclasses.asdict(task),
-        "label_names": list(task.label_names) if task.label_names else None,
-        "num_labels": task.num_labels,
-        "max_length": cfg.max_length,
-        "lorafit_version": __version__,
-    }
-
-
-def _restore(run: RunDir, model: nn.Module, optimizer, scheduler, accelerator) -> tuple[Progress, dict[str, Any]]:
-    trainable, training_state, state = run.load_checkpoint()
-    check_resumable(accelerator, training_state.get("num_processes", 1))
-    if "process_rng" in training_state:
-        training_state["torch_rng"] = training_state["process_rng"][accelerator.process_index]
-    params = dict(model.named_parameters())
-    expected = {n for n, p in params.items() if p.requires_grad}
-    if set(trainable) != expected:
-        raise LorafitError(f"{run.checkpoint}: checkpoint does not match this model's trainable parameters")
-    for name, value in trainable.items():
-        if value.shape != params[name].shape:
-            raise LorafitError(f"{run.checkpoint}: '{name}' has shape {tuple(value.shape)}, the model expects "
-                               f"{tuple(params[name].shape)}")
-    try:
-        progress = Progress(**state)
-        optimizer.load_state_dict(training_state["optimizer"])
-        scheduler.load_state_dict(training_state["scheduler"])
-    except (TypeError, ValueError, KeyError, RuntimeError) as e:
-        raise LorafitError(f"{run.checkpoint}: checkpoint state does not fit this run ({e})") from None
-    with torch.no_grad():
-        for name, value in trainable.items():
-            params[name].copy_(value)
-    if accelerator.is_main_process:  # steps trained after the checkpoint are trained again
-        run.trim_train_loss(progress.step)
-    return progress, training_state

@@ -50,7 +50,7 @@ def peft_train(work: Workload, side: Side) -> dict[str, Any]:
     peft = require_peft()
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    from lorafit.bench.worker import lorafit_config, peak_memory
+    from lorafit.bench.spec import lorafit_config, peak_memory
     from lorafit.metrics import compute_metrics
     from lorafit.models import load_tokenizer
     from lorafit.train import build_model, load_data

@@ -80,3 +80,34 @@ class Workload:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def peak_memory(device: str) -> float:
+    """Peak memory in GiB: max_memory_allocated on a GPU, the process's peak RSS on the CPU."""
+    import torch
+
+    from lorafit.hardware import peak_memory_gib
+
+    return peak_memory_gib(torch.device("cuda" if device.startswith("cuda") else "cpu"))
+
+
+def lorafit_config(work: Workload, side: Side, output_dir: str, **overrides: Any):
+    """The TrainConfig for ``work`` done by lorafit at ``side``'s setting."""
+    from lorafit.config import make_config
+
+    values: dict[str, Any] = dict(
+        task=work.task, model=work.model, batch_size=work.batch_size, epochs=work.epochs,
+        learning_rate=work.learning_rate, seed=work.seed, num_threads=work.threads, max_length=work.max_length,
+        max_train_samples=work.max_train_samples, max_eval_samples=work.max_eval_samples,
+        eval_batch_size=work.eval_batch_size, rank=work.rank, alpha=work.alpha, lora_dropout=work.lora_dropout,
+        output_dir=output_dir, progress=False, save_steps=None, device=work.device,
+        eval_steps=10**9,  # evaluate once, after the last step, as the baseline does
+        **work.extra,
+    )
+    if work.length_buckets:
+        values["length_buckets"] = work.length_buckets
+    if side.precision:
+        values["precision"] = side.precision
+    values.update(dict(side.options))
+    values.update(overrides)
+    return make_config(**values)
