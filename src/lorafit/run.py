@@ -12,6 +12,10 @@
 report, ``lorafit eval``) reads a run through it. Every file is written atomically (metrics.jsonl
 is appended to, a line at a time); the checkpoint folder is swapped in whole, so a crash at any
 moment leaves the previous checkpoint usable.
+
+At about 360 lines this module is over the project's ~300-line guide on purpose: one owner per
+format means every file of a run directory (config, metrics, loss log, summary, checkpoint, the
+fields --resume may change) is read and written here and nowhere else.
 """
 
 from __future__ import annotations
