@@ -83,7 +83,7 @@ def tiny_cell() -> dict[str, Any]:
 def interrupt_after() -> Callable[[int], contextlib.AbstractContextManager[None]]:
     """``with interrupt_after(n):`` training raises KeyboardInterrupt as it counts step n + 1, that is
     after step n and its checkpoint (if it has one), before anything of step n + 1 is saved."""
-    from lorafit.run import Progress
+    from lorafit.progress import Progress
 
     @contextlib.contextmanager
     def armed(step: int) -> Iterator[None]:

@@ -169,7 +169,7 @@ def _worker(rank: int, world: int, port: int, kwargs: dict, interrupt: int | Non
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     from lorafit.config import make_config
-    from lorafit.run import Progress
+    from lorafit.progress import Progress
     from lorafit.train import train
 
     if interrupt is not None:  # as conftest's interrupt_after, which cannot reach a spawned process

@@ -10,7 +10,8 @@ from torch import nn
 from lorafit import __version__
 from lorafit.config import TrainConfig
 from lorafit.errors import LorafitError
-from lorafit.run import Progress, RunDir
+from lorafit.progress import Progress
+from lorafit.run import RunDir
 
 
 class DivergenceGuard:

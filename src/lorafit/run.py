@@ -13,9 +13,8 @@ report, ``lorafit eval``) reads a run through it. Every file is written atomical
 is appended to, a line at a time); the checkpoint folder is swapped in whole, so a crash at any
 moment leaves the previous checkpoint usable.
 
-At about 360 lines this module is over the project's ~300-line guide on purpose: one owner per
-format means every file of a run directory (config, metrics, loss log, summary, checkpoint, the
-fields --resume may change) is read and written here and nowhere else.
+Where training stands (:class:`lorafit.progress.Progress`) and the summary a run ends with are
+built in :mod:`lorafit.progress`; this module only reads and writes them.
 """
 
 from __future__ import annotations
@@ -23,14 +22,12 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lorafit import __version__
 from lorafit.config import FIELD_NAMES, RUNTIME_KEYS, TrainConfig, field_defaults
 from lorafit.errors import LorafitError
 from lorafit.io import (
@@ -45,11 +42,8 @@ from lorafit.io import (
 )
 
 if TYPE_CHECKING:  # torch and the model code load only when a run trains: the report needs neither
-    import numpy as np
     import torch
 
-    from lorafit.data import TaskSpec
-    from lorafit.lora import ParameterCount
 
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
@@ -219,25 +213,16 @@ class RunDir:
         """Drop the lines of evaluations after ``step`` (the checkpoint a resumed run starts from):
         a run killed between an evaluation and its checkpoint evaluates again, and must not
         record that evaluation twice."""
-        path = self.path / METRICS
-        if not path.exists():
-            return
-        lines = path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and _step_of(line) <= step]
-        if len(kept) != len(lines):
-            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        _drop_lines_after(self.path / METRICS, step)
 
     def append_train_loss(self, record: dict[str, Any]) -> None:
+        # A plain append: append_line's atomic rewrite would cost O(lines) at every log step.
         with open(self.path / TRAIN_LOSS, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def trim_train_loss(self, step: int) -> None:
         """Drop the loss lines after ``step`` (a resumed run trains those steps again)."""
-        path = self.path / TRAIN_LOSS
-        if path.exists():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        _drop_lines_after(self.path / TRAIN_LOSS, step)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.path / SUMMARY, summary)
@@ -296,73 +281,18 @@ def _first_line(error: BaseException) -> str:
     return text[0] if text else type(error).__name__
 
 
+def _drop_lines_after(path: Path, step: int) -> None:
+    """Rewrite a JSON-lines log without the lines recorded after ``step`` (atomically, only if any)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line for line in lines if line.strip() and _step_of(line) <= step]
+    if len(kept) != len(lines):
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+
 def _step_of(line: str) -> float:
     try:
         return json.loads(line).get("step", 0)
     except (json.JSONDecodeError, AttributeError):
         return float("inf")  # a torn or foreign line: dropped with the evaluations after the checkpoint
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint."""
-
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of this epoch already trained on
-    examples: int = 0
-    tokens: int = 0
-    train_seconds: float = 0.0
-    best_metric: float | None = None
-    best_epoch: float | None = None
-    best_step: int | None = None
-    best_metrics: dict[str, float] | None = None
-
-    def advance(self, group: list[np.ndarray], lengths: np.ndarray, epoch_done: bool) -> None:
-        """Count one optimizer step over ``group`` (its micro-batches of example indices)."""
-        self.step += 1
-        self.examples += sum(len(g) for g in group)
-        self.tokens += int(sum(lengths[g].sum() for g in group))
-        self.batch_in_epoch += len(group)
-        if epoch_done:  # before any checkpoint of this step, which must point at the next epoch
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-
-
-def build_summary(cfg: TrainConfig, task: TaskSpec, counts: ParameterCount, progress: Progress,
-                  device: torch.device, num_processes: int = 1) -> dict[str, Any]:
-    """The contents of ``summary.json`` for a finished run (trained by ``num_processes`` processes)."""
-    from lorafit.hardware import hardware_info, peak_memory_gib
-    from lorafit.models import display_name
-
-    seconds = max(progress.train_seconds, 1e-9)
-    return {
-        "status": "finished",
-        "task": task.name,
-        "model": display_name(cfg.model),
-        "method": cfg.method,
-        "rank": cfg.rank if cfg.method == "lora" else None,
-        "target_modules": cfg.target_modules,
-        "seed": cfg.seed,
-        "learning_rate": cfg.learning_rate,
-        "metric": task.metric,
-        "best_metric": progress.best_metric,
-        "best_epoch": progress.best_epoch,
-        "best_step": progress.best_step,
-        "best_metrics": progress.best_metrics,
-        "steps": progress.step,
-        "num_processes": num_processes,
-        "global_batch_size": cfg.batch_size * num_processes * cfg.grad_accum,
-        "epochs": progress.epoch + (progress.batch_in_epoch > 0),
-        "trainable_parameters": {"adapter": counts.adapter, "head": counts.head,
-                                 "trainable": counts.trainable, "total": counts.total},
-        "train_seconds": round(progress.train_seconds, 2),
-        "examples": progress.examples,
-        "tokens": progress.tokens,
-        "examples_per_second": round(progress.examples / seconds, 2),
-        "tokens_per_second": round(progress.tokens / seconds, 1),
-        "peak_memory_gib": round(peak_memory_gib(device), 3),
-        "hardware": hardware_info(device),
-        "precision": cfg.precision,
-        "command": "lorafit " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name == "lorafit" else None,
-        "lorafit_version": __version__,
-    }

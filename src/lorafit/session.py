@@ -25,7 +25,8 @@ from lorafit.io import atomic_dir
 from lorafit.lora import save_adapter
 from lorafit.metrics import compute_metrics
 from lorafit.models import display_name
-from lorafit.run import Progress, RunDir
+from lorafit.progress import Progress
+from lorafit.run import RunDir
 
 
 @dataclass

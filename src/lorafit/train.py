@@ -37,7 +37,8 @@ from lorafit.errors import LorafitError
 from lorafit.lora import count_parameters
 from lorafit.models import hf_progress_bars, load_tokenizer
 from lorafit.paths import check_output
-from lorafit.run import Progress, RunDir, build_summary
+from lorafit.progress import Progress, build_summary
+from lorafit.run import RunDir
 from lorafit.session import _restore, _Session
 from lorafit.setup import (
     build_model,
