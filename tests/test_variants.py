@@ -75,6 +75,34 @@ def test_without_loraplus_there_are_two_groups(tiny):
     assert len(opt.param_groups) == 2
 
 
+def test_head_learning_rate_gives_the_head_its_own_groups(tiny):
+    cfg = tiny(head_learning_rate=2e-5, learning_rate=1e-3, weight_decay=0.1, modules_to_save=["classifier", "pooler"])
+    model = build_model(cfg, get_task("rte"))
+    opt = make_optimizer(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, plain, head, head_plain = ({names[id(p)] for p in g["params"]} for g in opt.param_groups)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3, 2e-5, 2e-5])
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0, 0.1, 0.0]
+    assert decay == {f"{n}.lora_{m}.weight" for n, _ in lora_layers(model) for m in "AB"} and not plain
+    assert head == {"classifier.weight", "bert.pooler.dense.weight"}
+    assert head_plain == {"classifier.bias", "bert.pooler.dense.bias"}
+    sched = linear_schedule(opt, warmup=2, total=10)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[2]["lr"] == pytest.approx(opt.param_groups[0]["lr"] * 2e-5 / 1e-3)
+
+
+def test_head_learning_rate_equal_to_the_rate_trains_bit_identically(tmp_path, tiny):
+    common = {"max_steps": 4, "eval_steps": 2, "learning_rate": 1e-3, "modules_to_save": ["classifier", "pooler"]}
+    train(tiny("plain", **common))
+    train(tiny("same", head_learning_rate=1e-3, **common))
+    train(tiny("lower", head_learning_rate=1e-5, **common))
+    a, b, c = (load_file(tmp_path / r / "checkpoint" / "trainable.safetensors") for r in ("plain", "same", "lower"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["classifier.weight"], c["classifier.weight"])
+
+
 def test_loraplus_ratio_1_trains_bit_identically_to_lora(tmp_path, tiny):
     common = {"max_steps": 4, "eval_steps": 2, "lora_dropout": 0.1, "learning_rate": 1e-3}
     train(tiny("lora", **common))

@@ -71,6 +71,7 @@ class TrainConfig:
     init_lora_weights: InitLoRAWeights = field(default="default", metadata=_help("how A and B start: default (A Kaiming-uniform, B zero), gaussian (A ~ N(0, 1/r)), pissa (top-r singular vectors of the base weight)", LORA))
     loraplus_lr_ratio: float | None = field(default=None, metadata=_help("LoRA+: the B matrices learn at this multiple of the learning rate (the paper suggests about 16); A, DoRA magnitudes and the head at the base rate", LORA))
     modules_to_save: list[str] | None = field(default=None, metadata=_help("comma-separated modules trained in full and saved with the adapter (default: the architecture's head: classifier; DeBERTa also pooler)", LORA))
+    head_learning_rate: float | None = field(default=None, metadata=_help("peak learning rate of the trained head (--modules-to-save) under LoRA (default: --learning-rate)", LORA))
     init_adapter: str | None = field(default=None, metadata=_help("start from this adapter (the paper starts MRPC, RTE and STS-B from the MNLI adapter)", LORA))
     # Optimisation.
     learning_rate: float = field(default=5e-4, metadata=_help("peak learning rate of AdamW"))
@@ -157,6 +158,7 @@ class TrainConfig:
         if self.method == "full" and self.init_adapter:
             raise LorafitError("--init-adapter applies to --method lora, not full fine-tuning")
         positive("loraplus_lr_ratio")
+        positive("head_learning_rate")
         if self.init_adapter and self.init_lora_weights == "pissa":
             raise LorafitError("--init-adapter replaces the LoRA factors that --init-lora-weights pissa takes from "
                                "the base weight; give one")

@@ -94,19 +94,36 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, biases and LayerNorms without weight decay.
 
     With LoRA+ (Hayou et al., ICML 2024) the B matrices get their own group at
-    ``loraplus_lr_ratio`` times the learning rate; everything else (A, DoRA magnitudes, the head)
-    keeps the base rate. The schedule scales every group's rate by the same factor.
+    ``loraplus_lr_ratio`` times the learning rate; A and DoRA magnitudes keep the base rate. With
+    ``head_learning_rate`` the trained head (everything trainable outside the LoRA layers) gets
+    two groups of its own at that rate: a freshly initialised dense layer, such as MiniLM's
+    never-trained pooler, may want a full-fine-tuning rate rather than LoRA's larger one. The
+    groups are always in this order (decay, no decay, LoRA+ B, head decay, head no decay), so a
+    checkpoint's optimizer state lines up on resume. The schedule scales every group alike.
     """
-    decay, no_decay, lora_b = [], [], []
+    decay, no_decay, lora_b, head_decay, head_no_decay = [], [], [], [], []
     b_ids = {id(layer.lora_B.weight) for _, layer in lora_layers(model)} if cfg.loraplus_lr_ratio else set()
+    split_head = cfg.method == "lora" and cfg.head_learning_rate is not None
+    adapter_ids = {id(p) for _, layer in lora_layers(model) for p in layer.parameters() if p.requires_grad}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (lora_b if id(p) in b_ids else no_decay if any(k in name for k in NO_DECAY) else decay).append(p)
+        if not p.requires_grad:
+            continue
+        plain = any(k in name for k in NO_DECAY)
+        if id(p) in b_ids:
+            lora_b.append(p)
+        elif split_head and id(p) not in adapter_ids:
+            (head_no_decay if plain else head_decay).append(p)
+        else:
+            (no_decay if plain else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.loraplus_lr_ratio:
         groups.append({"params": lora_b, "weight_decay": cfg.weight_decay, "lr": cfg.learning_rate * cfg.loraplus_lr_ratio})
+    if split_head:
+        groups += [{"params": head_decay, "weight_decay": cfg.weight_decay, "lr": cfg.head_learning_rate},
+                   {"params": head_no_decay, "weight_decay": 0.0, "lr": cfg.head_learning_rate}]
+    params = decay + no_decay + lora_b + head_decay + head_no_decay
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                             **fastpath.adamw_kwargs(cfg.fused_optimizer, decay + no_decay + lora_b))
+                             **fastpath.adamw_kwargs(cfg.fused_optimizer, params))
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
