@@ -279,6 +279,7 @@ VALID = {"task": "rte"}
     ({"method": "adapter"}, "--method must be one of 'lora', 'full', got 'adapter'"),
     ({"precision": "fp8"}, "--precision must be one of 'auto', 'fp32', 'bf16', 'fp16', got 'fp8'"),
     ({"method": "full", "init_adapter": "a"}, "--init-adapter applies to --method lora"),
+    ({"method": "full", "head_learning_rate": 1e-4}, "--head-learning-rate applies to --method lora"),
     ({"text_columns": ["a", "b", "c"]}, "--text-columns takes one or two column names"),
     ({"train_file": "t.csv"}, "custom data needs both --train-file and --validation-file"),
     ({"train_file": "t.csv", "validation_file": "v.csv", "data_dir": "d"}, "--data-dir and --train-file"),

@@ -157,6 +157,9 @@ class TrainConfig:
                 raise FieldError(name, f"{flag(name)} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.method == "full" and self.init_adapter:
             raise LorafitError("--init-adapter applies to --method lora, not full fine-tuning")
+        if self.method == "full" and self.head_learning_rate is not None:
+            raise LorafitError("--head-learning-rate applies to --method lora (full fine-tuning trains every "
+                               "weight at --learning-rate)")
         positive("loraplus_lr_ratio")
         positive("head_learning_rate")
         if self.init_adapter and self.init_lora_weights == "pissa":
