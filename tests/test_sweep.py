@@ -164,7 +164,8 @@ def test_resolved_grid_file_reloads_to_the_same_cells(tmp_path: Path) -> None:
 
 
 def test_shipped_grids_name_themselves_and_expand() -> None:
-    assert list_grids() == ["minilm-ablation", "minilm-conv-lr-full", "minilm-conv-lr-lora", "minilm-cpu-head",
+    assert list_grids() == ["minilm-ablation", "minilm-conv-head", "minilm-conv-lr-full", "minilm-conv-lr-lora",
+                            "minilm-conv-seeds-full", "minilm-conv-seeds-lora", "minilm-cpu-head",
                             "minilm-cpu-main", "minilm-cpu-rank", "minilm-cpu-targets", "minilm-cpu-variants",
                             "minilm-cpu-variants-lr", "minilm-main", "smoke"]
     for name in list_grids():
@@ -190,6 +191,14 @@ def test_shipped_grids_name_themselves_and_expand() -> None:
     assert len(expand(load_grid("minilm-cpu-head"))) == 2 * 3
     # The converged protocol's learning-rate searches: 5 tasks x 3 learning rates, one seed.
     assert len(expand(load_grid("minilm-conv-lr-lora"))) == len(expand(load_grid("minilm-conv-lr-full"))) == 15
+    # Then seeds 1 and 2 at each task's chosen rate, and the head study: 2 tasks x 2 heads, seed 0.
+    for method in ("lora", "full"):
+        seeds = {c.name: c.config for c in expand(load_grid(f"minilm-conv-seeds-{method}"))}
+        assert len(seeds) == 5 * 2 and {c.seed for c in seeds.values()} == {1, 2}
+        assert seeds[f"sst2/{method}{'-r8' if method == 'lora' else ''}/seed1"].max_train_samples == 16000
+    head = {c.name: c.config for c in expand(load_grid("minilm-conv-head"))}
+    assert head["cola/lora-r8-saveclassifier-headlrnone/seed0"].modules_to_save == ["classifier"]
+    assert head["mrpc/lora-r8-saveclassifier+pooler-headlr0.0001/seed0"].head_learning_rate == 1e-4
     # The variants study: 3 tasks x 6 variants (LoRA, rsLoRA, DoRA, LoRA+, PiSSA, full) x 3 seeds, each
     # variant at its own rate; its search: 3 tasks x (5 LoRA variants x 3 rates + 3 full rates), seed 0.
     variants = {c.name: c.config for c in expand(load_grid("minilm-cpu-variants"))}

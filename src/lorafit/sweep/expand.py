@@ -15,12 +15,12 @@ from lorafit.settings import VARIANT_FIELDS, distinguishing_fields, format_value
 from lorafit.sweep.grid import Cell, Grid
 
 # Short names for the fields that most often tell cells apart in a directory name.
-# Short names for the fields that most often tell cells apart in a directory name.
 ABBREVIATIONS = {
     "learning_rate": "lr", "batch_size": "bs", "epochs": "ep", "max_steps": "steps", "alpha": "alpha",
     "weight_decay": "wd", "warmup_ratio": "warmup", "lora_dropout": "dropout", "max_length": "len",
     "max_train_samples": "n", "grad_accum": "accum", "classifier_dropout": "cdrop",
-    "init_lora_weights": "init", "loraplus_lr_ratio": "loraplus",
+    "init_lora_weights": "init", "loraplus_lr_ratio": "loraplus", "head_learning_rate": "headlr",
+    "modules_to_save": "save",
 }
 # Axis flags: (flag, alias, field). The alias takes the same comma-separated list.
 
