@@ -66,7 +66,8 @@ def search_tables(tuned: Tuned) -> list[str]:
         if all(len(c.values) < 2 for c in choices.values()):
             continue  # run at one value only (e.g. a study at an already chosen rate): nothing was searched
         tasks = task_order(choices)
-        values = sorted({v for c in choices.values() for v in c.values}, key=value_order)
+        # Every value run, also one the search seed missed (shown as "–": it took no part in the choice).
+        values = sorted({v for c in choices.values() for v in c.candidates}, key=value_order)
         metrics = {t: choices[t].group.metric for t in tasks}
         titles = [f"{task_title(t)} ({METRIC_LABELS.get(metrics[t], metrics[t])})" for t in tasks]
         lines = [f"| {tuned.field} | " + " | ".join(titles) + " |", "|---:|" + "---:|" * len(tasks)]
