@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 import pytest
-import yaml
+from report_fakes import PNG, fake_run, table_line
 
 from lorafit.cli import build_parser, main
 from lorafit.config import TrainConfig
@@ -32,18 +32,10 @@ from lorafit.report import (
 )
 from lorafit.sweep import Grid, run_sweep
 
-PNG = b"\x89PNG\r\n\x1a\n"
-
 
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
-
-
-def table_line(md: str, label: str) -> str:
-    lines = [line for line in md.splitlines() if line.startswith(f"| {label} |")]
-    assert lines, f"no table row {label!r} in:\n{md}"
-    return lines[0]
 
 
 # -- real runs --------------------------------------------------------------------------------
@@ -127,38 +119,6 @@ def test_report_cli(real, tmp_path: Path, capsys) -> None:
 
 
 # -- aggregation on hand-written run directories ----------------------------------------------
-
-
-def fake_run(root: Path, task: str = "mrpc", method: str = "lora", rank: int = 8, seed: int = 0,
-             value: float = 0.8, targets: list[str] | None = None, resolved: list[str] | None = None,
-             status: str = "finished", curve: list[float] | None = None, **settings) -> Path:
-    """A run directory as train() leaves it, with chosen numbers (for the aggregation logic only)."""
-    metric = {"cola": "matthews_correlation", "stsb": "pearson"}.get(task, "accuracy")
-    name = f"{task}-{method}-r{rank}-{'+'.join(targets or ['d'])}-{'-'.join(f'{k}{v}' for k, v in settings.items())}"
-    path = root / name / f"seed{seed}"
-    path.mkdir(parents=True)
-    cfg = TrainConfig(task=task, method=method, rank=rank, seed=seed, target_modules=targets, output_dir=str(path),
-                      **settings)
-    (path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
-    adapter = 6 * 2 * rank * 768 if method == "lora" else 0
-    summary = {
-        "status": status, "task": task, "model": "sentence-transformers/all-MiniLM-L6-v2", "method": method,
-        "rank": rank if method == "lora" else None, "target_modules": targets, "seed": seed, "metric": metric,
-        "best_metric": value, "best_epoch": 2.0, "best_metrics": {metric: value},
-        "trainable_parameters": {"adapter": adapter, "head": 770,
-                                 "trainable": adapter + 770 if method == "lora" else 22713986, "total": 22713986},
-        "train_seconds": 10.0, "examples_per_second": 100.0,
-        "hardware": {"device": "cpu", "cpu": "test CPU", "threads": 1},
-    }
-    (path / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
-    if curve:
-        lines = [json.dumps({"step": i + 1, "epoch": float(i + 1), metric: v}) for i, v in enumerate(curve)]
-        (path / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    if method == "lora":
-        (path / "adapter").mkdir()
-        (path / "adapter" / "adapter_config.json").write_text(
-            json.dumps({"target_modules": resolved or targets or ["query", "value"]}), encoding="utf-8")
-    return path
 
 
 def rows_of(root: Path):
@@ -351,12 +311,27 @@ def test_the_committed_reproduction_report_is_what_its_runs_give(tmp_path: Path,
 
 
 def test_the_committed_converged_protocol_tables_are_what_its_runs_give(tmp_path: Path, monkeypatch) -> None:
-    # The converged protocol's learning-rate search (docs/reproduction/converged) is generated too.
+    # The converged protocol (docs/reproduction/converged, and its block in docs/reproduction.md) is
+    # generated with --tune learning_rate from every study folder that has landed, in this order.
+    from lorafit.report import splice
+
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)
-    studies = [f"docs/reproduction/runs/converged/{s}" for s in ("lr-lora", "lr-full")]
-    command = shlex.join(["lorafit", "report", *studies, "--output", "docs/reproduction/converged"])
-    make_report([Path(s) for s in studies], tmp_path, command=command)
+    studies = [f"docs/reproduction/runs/converged/{s}"
+               for s in ("lr-lora", "lr-full", "lr-full-wide", "head", "seeds-lora", "seeds-full")
+               if (repo / "docs/reproduction/runs/converged" / s).is_dir()]
+    command = shlex.join(["lorafit", "report", *studies, "--output", "docs/reproduction/converged",
+                          "--tune", "learning_rate"])
+    report = make_report([Path(s) for s in studies], tmp_path, command=command, tune_field="learning_rate")
     committed = repo / "docs" / "reproduction" / "converged"
     for name in ("results.md", "results.csv"):
         assert (tmp_path / name).read_text(encoding="utf-8") == (committed / name).read_text(encoding="utf-8"), name
+    assert sorted(n for n in report.files if n.endswith(".png")) == sorted(p.name for p in committed.glob("*.png"))
+    assert any(n.startswith("examples_seen_") for n in report.files)
+    # Both generated blocks of docs/reproduction.md are byte for byte what their reports give: splicing
+    # the regenerated results into the committed document changes nothing.
+    doc = (repo / "docs" / "reproduction.md").read_text(encoding="utf-8")
+    converged = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert splice(doc, converged, "reproduction/converged", "converged") == doc
+    short = (repo / "docs" / "reproduction" / "results.md").read_text(encoding="utf-8")  # checked above
+    assert splice(doc, short, "reproduction") == doc

@@ -154,3 +154,40 @@ def plot_curves(task: str, rows: list[Row]) -> bytes | None:
     ax.grid(alpha=0.3)
     fig.legend(fontsize=7, loc="outside lower center")
     return _png(fig)
+
+
+def plot_examples_seen(task: str, series: list[tuple[str, Group]]) -> bytes | None:
+    """Dev metric against training examples seen, one colour per (label, group): the median over
+    seeds at each evaluation, each seed as a faint line. Puts the cost of training longer (or of
+    a method that needs more steps) on one axis for LoRA and full fine-tuning alike."""
+    lines = []
+    for label, g in series:
+        curves = [c for run in g.runs if (c := run.examples_seen_curve())]
+        if curves:
+            lines.append((label, g, curves))
+    if not lines:
+        return None
+    from matplotlib.ticker import FuncFormatter
+
+    fig = _figure(6.4, 3.8 + 0.2 * len(lines))
+    ax = fig.add_subplot()
+    for color, (label, g, curves) in zip(_colors(len(lines)), lines):
+        by_x: dict[int, list[float]] = {}
+        for curve in curves:
+            for x, y in curve:
+                by_x.setdefault(x, []).append(y)
+            if len(curves) > 1:
+                ax.plot([x for x, _ in curve], [y for _, y in curve], color=color, alpha=0.25, linewidth=0.8)
+        points = sorted(by_x.items())
+        ax.plot([x for x, _ in points], [statistics.median(v) for _, v in points], marker="o", markersize=2.5,
+                color=color, label=f"{label} (n={len(curves)})")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
+    metric = lines[0][1].metric
+    ax.set_xlabel("training examples seen (optimizer steps x global batch size)")
+    ax.set_ylabel(f"dev {_metric_label(metric)} (%)")
+    faint = ", faint: each seed" if any(len(c) > 1 for _, _, c in lines) else ""
+    ax.set_title(f"{task_title(task)}: dev {_metric_label(metric)} vs training examples seen "
+                 f"(median over seeds{faint})", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.legend(fontsize=7, loc="outside lower center")
+    return _png(fig)

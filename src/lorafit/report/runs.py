@@ -41,6 +41,26 @@ class Run:
         return None if v is None else 100.0 * float(v)
 
     @property
+    def global_batch_size(self) -> int:
+        """Training examples per optimizer step, over every process."""
+        if self.summary.get("global_batch_size"):
+            return int(self.summary["global_batch_size"])
+        # A summary.json from before lorafit wrote it: the config's batch x accumulation x processes.
+        config = {**field_defaults(), **self.config}
+        processes = int(self.summary.get("num_processes") or 1)
+        return int(config["batch_size"]) * int(config["grad_accum"] or 1) * processes
+
+    def examples_seen_curve(self) -> list[tuple[int, float]]:
+        """(training examples seen, dev metric in %) at each evaluation in metrics.jsonl.
+
+        Examples seen is optimizer steps x the global batch size, so an epoch's last, smaller batch
+        counts as a full one: the x values are exact up to one batch per epoch.
+        """
+        metric = self.summary.get("metric")
+        return [(int(rec["step"]) * self.global_batch_size, 100.0 * float(rec[metric]))
+                for rec in self.metrics if rec.get(metric) is not None and rec.get("step") is not None]
+
+    @property
     def settings(self) -> dict[str, Any]:
         """What the run trained, without seed and execution details: equal for seeds of one configuration."""
         # Defaults first: a config.yaml written before a field existed means that field's default.

@@ -109,10 +109,12 @@ def hardware_text(hw: Any) -> str:
     return f"{hw.get('device', '?')}: {chip}{threads}"
 
 
-def write_markdown(rows: list[Row], groups: list[Group], command: str, plots: list[str]) -> str:
-    ns = sorted({len(g.values) for g in groups})
+def intro_parts(groups: list[Group], command: str, cells: list[Group]) -> list[str]:
+    """The title and the paragraphs that say where the numbers come from; ``cells`` are the groups
+    the tables' medians are over."""
+    ns = sorted({len(g.values) for g in cells})
     n_text = f"{ns[0]} seed{'s' if ns[0] > 1 else ''}" if len(ns) == 1 else "seeds (how many: see each table)"
-    parts = [
+    return [
         "# lorafit report",
         "",
         (f"Generated from {sum(len(g.runs) for g in groups)} finished runs ({len(groups)} configuration x "
@@ -127,12 +129,22 @@ def write_markdown(rows: list[Row], groups: list[Group], command: str, plots: li
         f"the row. Rows in *italics* are the paper's ({PAPER_SOURCE}), not measured here; the paper's ± is "
         "its own spread over 5 seeds, and its FT\\* numbers are copied from prior work."),
     ]
+
+
+def section_parts(rows: list[Row]) -> list[str]:
+    """The main comparison and the ablations (see :func:`detect_sections`), one table each."""
+    parts: list[str] = []
     for section in detect_sections(rows):
         parts += ["", f"## {section.title}", ""]
         if section.intro:
             parts += [section.intro, ""]
         parts.append(markdown_table(section.rows, section.with_paper, section.shared_tasks_only))
-    parts += [
+    return parts
+
+
+def closing_parts(groups: list[Group], rows: list[Row], plots: list[str]) -> list[str]:
+    """The paper's own table, every configuration's runs, and the plots."""
+    parts = [
         "", "## Reference: the paper's RoBERTa-base rows", "",
         (f"From {PAPER_SOURCE} (GLUE dev sets, %; \\* = numbers the paper copied from prior work; "
          "LoRA: median over 5 seeds). Avg is the paper's, over its 8 tasks."), "",
@@ -143,4 +155,9 @@ def write_markdown(rows: list[Row], groups: list[Group], command: str, plots: li
     if plots:
         parts += ["", "## Plots", ""]
         parts.append("\n\n".join(f"![{Path(p).stem}]({p})" for p in plots))
+    return parts
+
+
+def write_markdown(rows: list[Row], groups: list[Group], command: str, plots: list[str]) -> str:
+    parts = intro_parts(groups, command, groups) + section_parts(rows) + closing_parts(groups, rows, plots)
     return "\n".join(parts) + "\n"
