@@ -300,7 +300,8 @@ def test_field_tags_give_the_lists_the_rest_of_lorafit_uses():
                             "num_threads", "progress", "device", "report_to"}
     assert PER_RUN_KEYS == {"output_dir", "overwrite", "resume", "seeds"}
     assert set(LORA_ONLY) == {"rank", "alpha", "lora_dropout", "target_modules", "use_rslora", "modules_to_save",
-                              "init_adapter", "use_dora", "init_lora_weights", "loraplus_lr_ratio"}
+                              "init_adapter", "use_dora", "init_lora_weights", "loraplus_lr_ratio",
+                              "head_learning_rate"}
     assert NOT_SETTINGS == RUNTIME_KEYS | {"seed", "seeds"}
     assert ONE_OFF_KEYS == {"resume", "overwrite", "progress", "seeds"}
 
