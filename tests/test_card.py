@@ -40,8 +40,10 @@ def test_adapter_card_names_base_model_library_and_dev_metric(run):
     assert set(results) == set(summary["best_metrics"])
     dataset = entry["results"][0]["dataset"]
     assert (dataset["type"], dataset["config"], dataset["split"]) == ("nyu-mll/glue", "stsb", "validation")
-    # The body: the exact command, and how to load the adapter with PEFT and with lorafit.
-    assert "lorafit train --task stsb --batch-size 8 --max-steps 4 --max-length 48" in body
+    # The body: the exact command (with the precision "auto" resolved to), and how to load the
+    # adapter with PEFT and with lorafit.
+    assert (f"lorafit train --task stsb --batch-size 8 --max-steps 4 --precision {summary['precision']} "
+            "--max-length 48") in body
     assert f"--output-dir {run}" in body
     assert f'PeftModel.from_pretrained(base, "{run / "adapter"}")' in body
     assert f"lorafit eval {run / 'adapter'}" in body

@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from lorafit import fastpath
 from lorafit.cli import train_seeds
 from lorafit.config import make_config
 from lorafit.errors import LorafitError
@@ -116,7 +118,8 @@ def test_gradient_accumulation_matches_the_bigger_batch(tmp_path, monkeypatch, t
     monkeypatch.setattr(train_module, "build_model", without_dropout)
     # Batches of 4 and of 8 are cut from the same shuffled order, so one step of 2 x 4
     # accumulated examples sees exactly the 8 examples of one big-batch step.
-    common = {"max_steps": 2, "eval_steps": 2, "group_by_length": False, "learning_rate": 1e-3}
+    # fp32: the tolerance below is fp32's; bf16 rounds the two batch splits differently.
+    common = {"max_steps": 2, "eval_steps": 2, "group_by_length": False, "learning_rate": 1e-3, "precision": "fp32"}
     train(tiny_run("big", batch_size=8, **common))
     train(tiny_run("accum", batch_size=4, grad_accum=2, **common))
     a = load_file(tmp_path / "big" / "checkpoint" / "trainable.safetensors")
@@ -237,6 +240,34 @@ def test_resume_refuses_changes_to_what_a_run_learns(tiny_run, field, value):
     _fake_checkpointed_run(cfg)
     with pytest.raises(LorafitError, match=f"--resume: settings differ from the run in .*: {field} "):
         RunDir(cfg.output_dir).check(cfg.replace(resume=True, **{field: value}))
+
+
+def test_auto_precision_is_the_default_and_resumes_in_the_precision_the_run_recorded(tiny_run):
+    from lorafit.run import RunDir
+
+    assert tiny_run().precision == "auto"
+    old = tiny_run(max_steps=6, precision="fp32")  # a run started when fp32 was the default
+    _fake_checkpointed_run(old)
+    run = RunDir(old.output_dir)
+    assert run.changed_settings(old.replace(resume=True, precision="auto")) == []
+    assert run.changed_settings(old.replace(resume=True, precision="bf16")) == ["precision"]
+    assert fastpath.resolve_precision("auto", torch.device("cpu"), run.recorded_precision()) == "fp32"
+
+
+def test_auto_run_records_its_resolved_precision_and_keeps_it_on_resume(tmp_path, tiny_run, interrupt_after,
+                                                                        monkeypatch):
+    from lorafit.bench import env
+
+    common = {"max_steps": 4, "save_steps": 2, "eval_steps": 4}
+    with interrupt_after(2), pytest.raises(KeyboardInterrupt):  # an fp32 run, checkpointed at step 2
+        train(tiny_run("old", precision="fp32", **common))
+    monkeypatch.setattr(env, "cpu_flags", lambda: {f: f == "amx_bf16" for f in env.MATRIX_FLAGS})
+    summary = train(tiny_run("old", resume=True, **common))  # "auto" would now pick bf16
+    assert summary["precision"] == "fp32"
+    assert yaml.safe_load((tmp_path / "old" / "config.yaml").read_text())["precision"] == "fp32"
+    summary = train(tiny_run("new", **common))
+    assert summary["precision"] == "bf16" and summary["speed"]["frozen_bf16"] is True
+    assert yaml.safe_load((tmp_path / "new" / "config.yaml").read_text())["precision"] == "bf16"
 
 
 def test_a_crash_between_the_checkpoint_renames_resumes_from_checkpoint_old(tmp_path):

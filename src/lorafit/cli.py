@@ -221,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a run directory or adapter on a task's dev set")
+    text = ("evaluate a run directory or adapter on a task's dev set (in fp32, whatever precision it trained in: "
+            "a bf16 run's metric may differ slightly from its summary's)")
+    p = sub.add_parser("eval", help=text, description=text)
     p.add_argument("path", help="run directory, adapter directory or merged model directory")
     p.add_argument("--task", help="task to evaluate on (default: the one it was trained on)")
     p.add_argument("--data-dir", help="GLUE-layout folder for tasks that are not vendored")
@@ -230,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unmerged", action="store_true", help="evaluate with the LoRA branch unmerged")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="labels and probabilities (or scores) for new sentences")
+    text = "labels and probabilities (or scores) for new sentences (computed in fp32)"
+    p = sub.add_parser("predict", help=text, description=text)
     p.add_argument("path", help="run directory, adapter directory or merged model directory")
     p.add_argument("--text", action="append", help="a sentence (repeatable)")
     p.add_argument("--text-pair", action="append", help="second sentence for pair tasks (repeatable, in order)")

@@ -83,7 +83,7 @@ class TrainConfig:
     weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay (not applied to biases and LayerNorm)"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm (0 disables)"))
     classifier_dropout: float | None = field(default=None, metadata=_help("dropout before the classifier (default: the model's)"))
-    precision: Precision = field(default="fp32", metadata=_help("fp32, bf16 (autocast; CPU or GPU), fp16 (GPU only), or auto (bf16 where the CPU/GPU multiplies bf16 natively, else fp32)"))
+    precision: Precision = field(default="auto", metadata=_help("auto (bf16 where the CPU has AMX or AVX-512 BF16 or the GPU supports bf16, else fp32; the run's config.yaml records which), fp32, bf16 (autocast; CPU or GPU) or fp16 (GPU only)"))
     seed: int = field(default=0, metadata=_help("random seed", SEED))
     seeds: list[int] | None = field(default=None, metadata=_help("comma-separated seeds: one run each, and the median (as in the paper)", SEED, PER_RUN, ONE_OFF))
     # Speed (see docs/performance.md; `lorafit bench` measures each).

@@ -37,10 +37,19 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cuda")
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` becomes bf16 where the hardware multiplies bf16 natively, else fp32."""
+def resolve_precision(precision: str, device: torch.device, recorded: str | None = None) -> str:
+    """``auto`` becomes bf16 where the hardware multiplies bf16 natively, else fp32.
+
+    Args:
+        precision: The configured precision (``auto``, ``fp32``, ``bf16`` or ``fp16``).
+        device: Where the run trains.
+        recorded: The precision a resumed run's config.yaml records: ``auto`` continues in it,
+            so a run started in fp32 (the default before ``auto``) is not resumed in bf16.
+    """
     if precision != "auto":
         return precision
+    if recorded is not None and recorded != "auto":
+        return recorded
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     from lorafit.bench.env import cpu_has_bf16_matmul

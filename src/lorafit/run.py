@@ -182,9 +182,20 @@ class RunDir:
         """Settings of ``cfg`` that differ from the run's config.yaml, leaving out how a run is
         executed (the fields tagged RUNTIME, which may change on --resume)."""
         saved = self.config()
-        defaults = field_defaults()  # a run saved before a field existed ran with that field's default
+        defaults = {**field_defaults(), "precision": self.recorded_precision()}
+        # A run saved before a field existed ran with that field's default; "auto" precision
+        # continues in the precision the run recorded (see recorded_precision).
         return sorted(k for k, v in cfg.to_dict().items()
-                      if k not in RUNTIME_KEYS and saved.get(k, defaults[k]) != v)
+                      if k not in RUNTIME_KEYS and saved.get(k, defaults[k]) != v
+                      and not (k == "precision" and v == "auto"))
+
+    def recorded_precision(self) -> str:
+        """The precision the run trained in: config.yaml records what ``auto`` resolved to.
+
+        A config without the key predates the field, when every run trained in fp32 (the
+        default was fp32 until ``auto`` replaced it).
+        """
+        return str(self.config().get("precision", "fp32"))
 
     def start(self, cfg: TrainConfig) -> None:
         """Clear what --overwrite replaces and write the resolved config (called once the model

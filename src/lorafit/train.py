@@ -60,14 +60,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from lorafit.bench.env import physical_cores
 
     device = fastpath.resolve_device(cfg.device)
-    precision = fastpath.resolve_precision(cfg.precision, device)
-    if precision == "fp16" and device.type != "cuda":
-        raise LorafitError("--precision fp16 needs a GPU; on the CPU use bf16 or fp32")
-    frozen_bf16 = fastpath.resolve_frozen_bf16(cfg.frozen_bf16, precision, cfg.method)
-    buckets = fastpath.bucket_lengths(cfg.length_buckets, cfg.max_length, cfg.compile)
     run = RunDir(Path(cfg.output_dir or Path("runs") / cfg.run_name()))
     check_output("--output-dir", run.path, output_inputs(cfg))
     run.check(cfg)
+    precision = fastpath.resolve_precision(cfg.precision, device, run.recorded_precision() if cfg.resume else None)
+    if precision == "fp16" and device.type != "cuda":
+        raise LorafitError("--precision fp16 needs a GPU; on the CPU use bf16 or fp32")
+    cfg = cfg.replace(precision=precision)  # config.yaml and the summary record what "auto" became
+    frozen_bf16 = fastpath.resolve_frozen_bf16(cfg.frozen_bf16, precision, cfg.method)
+    buckets = fastpath.bucket_lengths(cfg.length_buckets, cfg.max_length, cfg.compile)
     check_tracker(cfg.report_to)
     accelerator = make_accelerator({"fp32": "no"}.get(precision, precision), device,
                                    **accelerator_kwargs(cfg, run.path))

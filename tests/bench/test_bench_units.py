@@ -81,7 +81,9 @@ def test_summary_takes_medians_and_the_ratio_against_the_best_baseline():
     assert ratio["against"] == "peft@bf16" and ratio["speedup"] == pytest.approx(110 / 42)
     assert ratio["dev_metric_difference"] == pytest.approx(0.02)
     table = format_table(records)
-    assert table.splitlines()[0].startswith("mrpc minilm cpu: lorafit = 2.62x peft@bf16")
+    # A side without @PRECISION (lorafit's default is auto) shows what it resolved to.
+    assert table.splitlines()[0].startswith("mrpc minilm cpu: lorafit (fp32) = 2.62x peft@bf16")
+    assert "\nlorafit (fp32) " in table and "\npeft@bf16 " in table
 
 
 def test_peft_missing_is_one_clear_error(monkeypatch):

@@ -16,7 +16,7 @@ def plot_throughput(records: list[dict[str, Any]], path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot state
     from matplotlib.figure import Figure
 
-    from lorafit.bench.summary import summarize
+    from lorafit.bench.summary import side_label, summarize
     from lorafit.errors import LorafitError
     from lorafit.io import atomic_write_bytes
 
@@ -35,7 +35,7 @@ def plot_throughput(records: list[dict[str, Any]], path: str | Path) -> Path:
         errors = [[m - r["examples_per_second"]["min"] for m, r in zip(medians, mine, strict=True)],
                   [r["examples_per_second"]["max"] - m for m, r in zip(medians, mine, strict=True)]]
         colors = ["#999999" if r["impl"] == "peft" else "#1f77b4" for r in mine]
-        ax.barh([r["side"] for r in mine], medians, xerr=errors, color=colors, capsize=3)
+        ax.barh([side_label(r) for r in mine], medians, xerr=errors, color=colors, capsize=3)
         for y, m in enumerate(medians):
             ax.text(m, y, f" {m:.0f}" if m >= 10 else f" {m:.2g}", va="center", fontsize=8)
         ax.set_xlabel("training examples/s (median, min-max)")

@@ -95,6 +95,13 @@ def _ratios(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def side_label(summary: dict[str, Any]) -> str:
+    """The side as written, with the precision a side without ``@PRECISION`` resolved to
+    (``lorafit (bf16)``: lorafit's default is ``auto``)."""
+    side, precision = summary["side"], summary.get("precision")
+    return side if "@" in side or not precision else f"{side} ({precision})"
+
+
 def _cell(stat: dict[str, float] | None, fmt: str = "{:.1f}") -> str:
     if not stat:
         return "-"
@@ -107,10 +114,13 @@ def format_table(records: list[dict[str, Any]]) -> str:
     """The readable table: ratios first, then each side's medians (± half the min-max spread)."""
     summaries = summarize([r for r in records if r.get("kind") in ("measurement", "peak")])
     lines: list[str] = []
+    labels = {(r["task"], r["model"], r["device"], r["side"]): side_label(r)
+              for r in summaries if r["kind"] == "summary" and r["mode"] == "train"}
     for r in (r for r in summaries if r["kind"] == "ratio"):
         where = f"{r['task']} {r['model']} {r['device']}"
         if r["mode"] == "train":
-            lines.append(f"{where}: {r['side']} = {r['speedup']:.2f}x {r['against']} (examples/s, medians); "
+            side, against = (labels.get((r["task"], r["model"], r["device"], s), s) for s in (r["side"], r["against"]))
+            lines.append(f"{where}: {side} = {r['speedup']:.2f}x {against} (examples/s, medians); "
                          f"dev metric {100 * r['dev_metric_difference']:+.2f} pt")
         elif r["mode"] == "infer":
             lines.append(f"{where}: LoRA {r['side']} latency vs base: {100 * r['overhead_b1']:+.1f}% at batch 1, "
@@ -124,7 +134,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
         for r in (r for r in rows if r["mode"] == "train"):
             pct = f"{r['percent_of_peak']:.0f}%" if r.get("percent_of_peak") is not None else "-"
             gf = f"{r['achieved_gflops']:.0f}" if r.get("achieved_gflops") else "-"
-            lines.append(f"{r['side']:<28} {_cell(r['examples_per_second']):>14} {_cell(r['tokens_per_second'], '{:.0f}'):>14} "
+            lines.append(f"{side_label(r):<28} {_cell(r['examples_per_second']):>14} {_cell(r['tokens_per_second'], '{:.0f}'):>14} "
                          f"{_cell(r['dev_metric'], '{:.4f}'):>11} {_cell(r['peak_memory_gib'], '{:.2f}'):>9} "
                          f"{gf:>8} {pct:>7} {_cell(r.get('compile_seconds'), '{:.1f}'):>9}")
     if any(r["mode"] == "infer" for r in rows):

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorafit import fastpath
 from lorafit.bench.env import environment, physical_cores
 from lorafit.bench.spec import Side, Workload, lorafit_config
 
@@ -71,7 +72,8 @@ def infer(work: Workload, side: Side, variant: str, calls: int = 60, warmup: int
 
     model, data, pad = _inference_model(work, variant)
     device = torch.device(work.device)
-    precision = side.precision if side.precision not in (None, "auto") else "fp32"
+    # A plain "lorafit" side infers as `lorafit eval` / `predict` do, in fp32; "auto" as training would.
+    precision = fastpath.resolve_precision(side.precision or "fp32", device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     out: dict[str, Any] = {"variant": variant, "precision": precision}
     for batch in (1, 32):
