@@ -165,6 +165,7 @@ def test_resolved_grid_file_reloads_to_the_same_cells(tmp_path: Path) -> None:
 
 def test_shipped_grids_name_themselves_and_expand() -> None:
     assert list_grids() == ["minilm-ablation", "minilm-conv-head", "minilm-conv-lr-full", "minilm-conv-lr-lora",
+                            "minilm-conv-lr-wide",
                             "minilm-conv-seeds-full", "minilm-conv-seeds-lora", "minilm-cpu-head",
                             "minilm-cpu-main", "minilm-cpu-rank", "minilm-cpu-targets", "minilm-cpu-variants",
                             "minilm-cpu-variants-lr", "minilm-main", "smoke"]
@@ -196,6 +197,9 @@ def test_shipped_grids_name_themselves_and_expand() -> None:
         seeds = {c.name: c.config for c in expand(load_grid(f"minilm-conv-seeds-{method}"))}
         assert len(seeds) == 5 * 2 and {c.seed for c in seeds.values()} == {1, 2}
         assert seeds[f"sst2/{method}{'-r8' if method == 'lora' else ''}/seed1"].max_train_samples == 16000
+    wide = {c.name: c.config for c in expand(load_grid("minilm-conv-lr-wide"))}
+    assert wide["stsb/lora-r8/seed0"].learning_rate == 2.5e-4 and wide["rte/full/seed0"].learning_rate == 1e-5
+    assert wide["sst2/full/seed0"].max_train_samples == 16000 and wide["cola/full/seed0"].batch_size == 32
     head = {c.name: c.config for c in expand(load_grid("minilm-conv-head"))}
     assert head["cola/lora-r8-saveclassifier-headlrnone/seed0"].modules_to_save == ["classifier"]
     assert head["mrpc/lora-r8-saveclassifier+pooler-headlr0.0001/seed0"].head_learning_rate == 1e-4
