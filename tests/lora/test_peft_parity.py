@@ -9,6 +9,7 @@ import peft
 import pytest
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft_helpers import copy_into_peft, peft_head, peft_module
 from safetensors.torch import load_file
 
 from lorafit.errors import LorafitError
@@ -36,28 +37,6 @@ def _peft(model, layout, use_rslora=False):
     return get_peft_model(model, config)
 
 
-def _peft_lora_module(peft_model, name):
-    return peft_model.base_model.model.get_submodule(name)
-
-
-def _peft_head(peft_model, name):
-    """The trained copy of a head module inside PEFT's ModulesToSaveWrapper."""
-    return peft_model.base_model.model.get_submodule(name).modules_to_save["default"]
-
-
-def _copy_into_peft(ours, theirs):
-    """Give PEFT's model exactly lorafit's LoRA factors and head weights."""
-    layers = dict(lora_layers(ours))
-    with torch.no_grad():
-        for name, layer in layers.items():
-            module = _peft_lora_module(theirs, name)
-            module.lora_A["default"].weight.copy_(layer.lora_A.weight)
-            module.lora_B["default"].weight.copy_(layer.lora_B.weight)
-        for head in head_module_names(ours):
-            _peft_head(theirs, head).load_state_dict(ours.get_submodule(head).state_dict())
-    return layers
-
-
 def _forward(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
 
@@ -67,10 +46,10 @@ def test_logits_and_gradients_match_peft(tiny_model, arch, layout, batch, random
     ours = _lorafit(tiny_model(arch), use_rslora)
     theirs = _peft(tiny_model(arch), layout, use_rslora)
     randomize(ours, head=True)
-    layers = _copy_into_peft(ours, theirs)
+    layers = copy_into_peft(ours, theirs)
     assert len(layers) == 4
     for name, layer in layers.items():
-        assert _peft_lora_module(theirs, name).scaling["default"] == layer.scaling
+        assert peft_module(theirs, name).scaling["default"] == layer.scaling
     assert layers[next(iter(layers))].scaling == (4.0 if use_rslora else 2.0)
 
     out_ours, out_theirs = _forward(ours, batch), _forward(theirs, batch)
@@ -79,14 +58,14 @@ def test_logits_and_gradients_match_peft(tiny_model, arch, layout, batch, random
     out_theirs.loss.backward()
 
     for name, layer in layers.items():
-        module = _peft_lora_module(theirs, name)
+        module = peft_module(theirs, name)
         for ab in ("lora_A", "lora_B"):
             g_ours = getattr(layer, ab).weight.grad
             g_theirs = getattr(module, ab)["default"].weight.grad
             assert g_ours is not None and g_ours.abs().max() > 0
             assert (g_ours - g_theirs).abs().max() <= 1e-5, (name, ab)
     for head in head_module_names(ours):
-        theirs_params = dict(_peft_head(theirs, head).named_parameters())
+        theirs_params = dict(peft_head(theirs, head).named_parameters())
         for pname, p in ours.get_submodule(head).named_parameters():
             assert p.grad is not None
             assert (p.grad - theirs_params[pname].grad).abs().max() <= 1e-5, (head, pname)
@@ -100,7 +79,7 @@ def test_merged_weights_match_peft(tiny_model, arch, layout, randomize):
     ours = _lorafit(tiny_model(arch))
     theirs = _peft(tiny_model(arch), layout)
     randomize(ours, head=True)
-    names = list(dict(_copy_into_peft(ours, theirs)))
+    names = list(dict(copy_into_peft(ours, theirs)))
     merged_ours = lorafit_merge_and_unload(ours)
     merged_theirs = theirs.merge_and_unload()
     for name in names:
@@ -132,7 +111,7 @@ def test_peft_adapter_loads_in_lorafit(tiny_model, arch, layout, randomize, logi
     theirs = _peft(tiny_model(arch), layout)
     ours = _lorafit(tiny_model(arch))
     randomize(ours, head=True)
-    _copy_into_peft(ours, theirs)  # a PEFT model with non-zero B and a changed head
+    copy_into_peft(ours, theirs)  # a PEFT model with non-zero B and a changed head
     theirs.eval()
     expected = logits_of(theirs)
     theirs.save_pretrained(tmp_path)

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft_helpers import copy_into_peft, peft_module
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
@@ -51,10 +52,6 @@ def _theirs(model, arch: str, variant: str, dropout: float = 0.0):
     return get_peft_model(model, config)
 
 
-def _peft_layer(peft_model, name):
-    return peft_model.base_model.model.get_submodule(name)
-
-
 def _perturb(ours, seed: int = 7) -> None:
     """Trained-looking adapter: random changes to A, B, the magnitudes and the head."""
     g = torch.Generator().manual_seed(seed)
@@ -68,21 +65,6 @@ def _perturb(ours, seed: int = 7) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def _copy_into_peft(ours, theirs) -> dict:
-    """Give PEFT's model exactly lorafit's factors, magnitudes and head."""
-    layers = dict(lora_layers(ours))
-    with torch.no_grad():
-        for name, layer in layers.items():
-            module = _peft_layer(theirs, name)
-            module.lora_A["default"].weight.copy_(layer.lora_A.weight)
-            module.lora_B["default"].weight.copy_(layer.lora_B.weight)
-            if layer.lora_magnitude_vector is not None:
-                module.lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude_vector)
-        for head in head_module_names(ours):
-            _peft_layer(theirs, head).modules_to_save["default"].load_state_dict(ours.get_submodule(head).state_dict())
-    return layers
-
-
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
@@ -93,7 +75,7 @@ def test_initial_state_matches_peft_and_keeps_the_base_function(tiny_model, arch
     ours = _ours(tiny_model(arch), variant)
     theirs = _theirs(tiny_model(arch), arch, variant)
     for name, layer in lora_layers(ours):
-        module = _peft_layer(theirs, name)
+        module = peft_module(theirs, name)
         # PiSSA: the same factors from the SVD and the same residual base weight; DoRA: m = ||W0||.
         assert _max_diff(layer.base_layer.weight, module.base_layer.weight) <= TOL
         if "pissa" in variant:
@@ -113,7 +95,7 @@ def test_logits_and_gradients_match_peft(tiny_model, arch, batch, variant, dropo
     ours = _ours(tiny_model(arch), variant, dropout)
     theirs = _theirs(tiny_model(arch), arch, variant, dropout)
     _perturb(ours)
-    layers = _copy_into_peft(ours, theirs)
+    layers = copy_into_peft(ours, theirs)
     if dropout:  # PEFT applies DoRA's rescaling to the dropped-out input too: the same random draws
         ours.train()
         theirs.train()
@@ -127,7 +109,7 @@ def test_logits_and_gradients_match_peft(tiny_model, arch, batch, variant, dropo
     out_theirs.loss.backward()
 
     for name, layer in layers.items():
-        module = _peft_layer(theirs, name)
+        module = peft_module(theirs, name)
         pairs = [(layer.lora_A.weight, module.lora_A["default"].weight),
                  (layer.lora_B.weight, module.lora_B["default"].weight)]
         if layer.lora_magnitude_vector is not None:
@@ -178,7 +160,7 @@ def test_peft_adapter_loads_in_lorafit(tiny_model, arch, variant, logits_of, tmp
     theirs = _theirs(tiny_model(arch), arch, variant)
     ours = _ours(tiny_model(arch), variant)
     _perturb(ours)
-    _copy_into_peft(ours, theirs)
+    copy_into_peft(ours, theirs)
     theirs.eval()
     expected = logits_of(theirs)
     theirs.save_pretrained(tmp_path)
@@ -195,7 +177,7 @@ def test_merged_unmerged_and_exported_agree(tiny_model, arch, variant, logits_of
     ours = _ours(tiny_model(arch), variant)
     theirs = _theirs(tiny_model(arch), arch, variant)
     _perturb(ours)
-    names = list(_copy_into_peft(ours, theirs))
+    names = list(copy_into_peft(ours, theirs))
     unmerged = logits_of(ours)
     before = {n: layer.base_layer.weight.clone() for n, layer in lora_layers(ours)}
     merge_lora(ours)
