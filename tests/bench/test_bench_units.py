@@ -21,10 +21,12 @@ def test_side_specs_parse_precision_and_switches():
     assert side == Side("lorafit", "bf16", (("compile", True), ("frozen_bf16", False)))
     assert side.label == "lorafit@bf16+compile-frozen_bf16"
     assert Side.parse("lorafit").precision is None
+    assert Side.parse("peft@bf16+group_by_length") == Side("peft", "bf16", (("group_by_length", True),))
 
 
 @pytest.mark.parametrize("text, word", [("hf", "implementation"), ("peft@int8", "precision"),
-                                         ("peft+compile", "option"), ("lorafit+turbo", "option")])
+                                         ("peft+compile", "option"), ("lorafit+turbo", "option"),
+                                         ("peft-fused_optimizer", "option")])
 def test_bad_side_specs_name_what_is_wrong(text, word):
     with pytest.raises(LorafitError, match=word):
         Side.parse(text)
@@ -92,3 +94,20 @@ def test_peft_missing_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(LorafitError, match=r"pip install 'lorafit\[bench\]'"):
         require_peft()
+
+
+@pytest.mark.parametrize("text, grouped", [("peft@bf16", False), ("peft@bf16+group_by_length", True)])
+def test_the_baseline_groups_by_length_only_when_asked(tmp_path, text, grouped):
+    from transformers import Trainer
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from lorafit.bench.baseline import training_arguments
+    from lorafit.bench.spec import Workload
+
+    args = training_arguments(Workload(batch_size=2), Side.parse(text), str(tmp_path), steps=4)
+    assert (args.train_sampling_strategy == "group_by_length") is grouped and args.bf16 and args.per_device_train_batch_size == 2
+    model = BertForSequenceClassification(BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, vocab_size=50))
+    rows = [{"input_ids": [1] * n, "attention_mask": [1] * n, "labels": 0} for n in (3, 9, 5, 7)]
+    sampler = Trainer(model=model, args=args, train_dataset=rows)._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler) is grouped

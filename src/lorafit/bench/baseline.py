@@ -11,6 +11,7 @@ after training and is not timed. peft is an optional extra: ``pip install lorafi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import time
@@ -45,10 +46,32 @@ def _features(data: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def training_arguments(work: Workload, side: Side, output_dir: str, steps: int) -> Any:
+    """The Trainer's arguments for the baseline: the workload's settings, the side's precision and switches."""
+    from transformers import TrainingArguments
+
+    precision = side.precision or "fp32"  # the Trainer's own default
+    # Passed only when asked, so the default baseline is the Trainer exactly as a user gets it.
+    # Transformers 5 names the length grouping `train_sampling_strategy`, 4.x `group_by_length`.
+    grouping = {}
+    if dict(side.options).get("group_by_length"):
+        new = "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}
+        grouping = {"train_sampling_strategy": "group_by_length"} if new else {"group_by_length": True}
+    return TrainingArguments(
+        output_dir=output_dir, per_device_train_batch_size=work.batch_size,
+        per_device_eval_batch_size=work.eval_batch_size, learning_rate=work.learning_rate,
+        num_train_epochs=work.epochs, weight_decay=0.01, warmup_steps=round(0.06 * steps),
+        lr_scheduler_type="linear", max_grad_norm=1.0, seed=work.seed, bf16=precision == "bf16",
+        fp16=precision == "fp16", eval_strategy="no", save_strategy="no", logging_strategy="no",
+        report_to=[], disable_tqdm=True, dataloader_num_workers=0, use_cpu=work.device == "cpu",
+        **grouping,
+    )
+
+
 def peft_train(work: Workload, side: Side) -> dict[str, Any]:
     """Train the baseline once; returns its throughput, memory and dev metric."""
     peft = require_peft()
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, Trainer
 
     from lorafit.bench.spec import lorafit_config, peak_memory
     from lorafit.metrics import compute_metrics
@@ -68,14 +91,7 @@ def peft_train(work: Workload, side: Side) -> dict[str, Any]:
 
     steps = math.ceil(len(train_data) / work.batch_size) * math.ceil(work.epochs)
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=work.batch_size,
-            per_device_eval_batch_size=work.eval_batch_size, learning_rate=work.learning_rate,
-            num_train_epochs=work.epochs, weight_decay=0.01, warmup_steps=round(0.06 * steps),
-            lr_scheduler_type="linear", max_grad_norm=1.0, seed=work.seed, bf16=precision == "bf16",
-            fp16=precision == "fp16", eval_strategy="no", save_strategy="no", logging_strategy="no",
-            report_to=[], disable_tqdm=True, dataloader_num_workers=0, use_cpu=work.device == "cpu",
-        )
+        args = training_arguments(work, side, out, steps)
         trainer = Trainer(model=model, args=args, train_dataset=_features(train_data),
                           data_collator=DataCollatorWithPadding(tokenizer))
         torch.manual_seed(work.seed)

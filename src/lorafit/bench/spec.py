@@ -18,6 +18,11 @@ IMPLEMENTATIONS = ("lorafit", "peft")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # lorafit options a side may switch on or off by name (``lorafit@bf16+compile-frozen_bf16``).
 LORAFIT_SWITCHES = ("compile", "frozen_bf16", "fused_optimizer", "group_by_length")
+# The baseline's one switch: the Trainer's own ``group_by_length`` (off by default, as a user who
+# keeps the Trainer's defaults has it), so a comparison can also show the baseline with padding
+# cut the way lorafit cuts it (``peft@bf16+group_by_length``).
+PEFT_SWITCHES = ("group_by_length",)
+SWITCHES = {"lorafit": LORAFIT_SWITCHES, "peft": PEFT_SWITCHES}
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,8 @@ class Side:
     """One implementation at one setting, written ``IMPL[@PRECISION][+OPTION|-OPTION...]``.
 
     ``lorafit`` alone means lorafit's defaults; ``peft@bf16`` is the baseline with
-    ``bf16=True``; ``lorafit@bf16+compile`` turns ``--compile`` on, ``-frozen_bf16`` turns
-    an option off.
+    ``bf16=True`` (``+group_by_length`` turns on the Trainer's length grouping);
+    ``lorafit@bf16+compile`` turns ``--compile`` on, ``-frozen_bf16`` turns an option off.
     """
 
     impl: str
@@ -44,9 +49,9 @@ class Side:
         options = []
         for s in filter(None, switches):
             name, on = (s[1:], False) if s.startswith("-") else (s, True)
-            if impl != "lorafit" or name not in LORAFIT_SWITCHES:
+            if name not in SWITCHES[impl]:
                 raise LorafitError(f"--sides: {text!r}: unknown option {name!r} "
-                                   f"(lorafit options: {', '.join(LORAFIT_SWITCHES)})")
+                                   f"({impl} options: {', '.join(SWITCHES[impl])})")
             options.append((name, on))
         return cls(impl, precision or None, tuple(options))
 
