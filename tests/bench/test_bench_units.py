@@ -111,3 +111,33 @@ def test_the_baseline_groups_by_length_only_when_asked(tmp_path, text, grouped):
     rows = [{"input_ids": [1] * n, "attention_mask": [1] * n, "labels": 0} for n in (3, 9, 5, 7)]
     sampler = Trainer(model=model, args=args, train_dataset=rows)._get_train_sampler()
     assert isinstance(sampler, LengthGroupedSampler) is grouped
+
+
+def test_the_baseline_scores_each_prediction_against_its_own_label_when_grouped(tmp_path):
+    import torch
+    from transformers import Trainer
+
+    from lorafit.bench.baseline import predict_with_labels, training_arguments
+    from lorafit.bench.spec import Workload
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, vocab_size=50,
+        num_labels=1)).eval()
+    # Lengths out of order, so a length-grouped evaluation visits them in another order; each label
+    # is the row's own number, so a prediction paired with another row's label shows.
+    rows = [{"input_ids": [(7 * i + j) % 50 for j in range(n)], "attention_mask": [1] * n, "labels": float(i)}
+            for i, n in enumerate((3, 12, 5, 9, 4, 11, 6))]
+    args = training_arguments(Workload(eval_batch_size=2), Side.parse("peft@fp32+group_by_length"), str(tmp_path), 1)
+
+    def pad(batch):
+        width = max(len(r["input_ids"]) for r in batch)
+        return {"input_ids": torch.tensor([r["input_ids"] + [0] * (width - len(r["input_ids"])) for r in batch]),
+                "attention_mask": torch.tensor([r["attention_mask"] + [0] * (width - len(r["input_ids"])) for r in batch]),
+                "labels": torch.tensor([r["labels"] for r in batch])}
+
+    logits, labels = predict_with_labels(Trainer(model=model, args=args, data_collator=pad), rows)
+    assert sorted(labels.tolist()) == [float(i) for i in range(len(rows))] and labels.tolist() != sorted(labels.tolist())
+    with torch.no_grad():
+        own = {float(r["labels"]): model(input_ids=torch.tensor([r["input_ids"]])).logits.item() for r in rows}
+    assert [pytest.approx(own[y], abs=1e-5) for y in labels.tolist()] == logits.reshape(-1).tolist()

@@ -68,6 +68,19 @@ def training_arguments(work: Workload, side: Side, output_dir: str, steps: int) 
     )
 
 
+def predict_with_labels(trainer: Any, rows: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """The Trainer's logits for ``rows`` and the labels in the same order.
+
+    The labels are the ones the Trainer hands back with its predictions, not the rows' order:
+    with length grouping on, Transformers 5 also groups the evaluation batches, so predictions
+    come back in its sampler's order.
+    """
+    predicted = trainer.predict(rows)
+    logits = predicted.predictions[0] if isinstance(predicted.predictions, tuple) else predicted.predictions
+    labels = np.asarray(predicted.label_ids)
+    return np.asarray(logits, dtype=np.float32), labels.reshape(len(rows), *labels.shape[1:])
+
+
 def peft_train(work: Workload, side: Side) -> dict[str, Any]:
     """Train the baseline once; returns its throughput, memory and dev metric."""
     peft = require_peft()
@@ -98,11 +111,7 @@ def peft_train(work: Workload, side: Side) -> dict[str, Any]:
         start = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - start
-        outputs = {}
-        for name, data in evals.items():
-            logits = trainer.predict(_features(data)).predictions
-            logits = logits[0] if isinstance(logits, tuple) else logits
-            outputs[name] = (np.asarray(logits, dtype=np.float32), data.labels)
+        outputs = {name: predict_with_labels(trainer, _features(data)) for name, data in evals.items()}
         memory = peak_memory(work.device)  # after evaluation, as lorafit's summary measures it
     metrics = compute_metrics(task, outputs)
     examples = round(len(train_data) * work.epochs)

@@ -24,7 +24,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "base model, LoRA unmerged and merged; memory: LoRA vs full fine-tuning (default: train)")
     p.add_argument("--sides", default=DEFAULT_SIDES,
                    help="comma-separated IMPL[@PRECISION][+OPTION|-OPTION]: lorafit (its defaults), peft (HF Trainer + "
-                        "PEFT), e.g. lorafit@bf16+compile, peft@bf16 (default: %(default)s)")
+                        "PEFT), e.g. lorafit@bf16+compile, lorafit-group_by_length, peft@bf16, peft@bf16+group_by_length "
+                        "(the Trainer's own length grouping) (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="alternations A B A B ... (default: %(default)s)")
     p.add_argument("--output", help="write every measurement and summary as JSON lines to this file")
     p.add_argument("--from", dest="from_files", action="append", metavar="FILE",
