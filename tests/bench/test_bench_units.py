@@ -88,6 +88,16 @@ def test_summary_takes_medians_and_the_ratio_against_the_best_baseline():
     assert "\nlorafit (fp32) " in table and "\npeft@bf16 " in table
 
 
+def test_a_switched_baseline_is_a_second_comparison_not_the_best_of_one():
+    records = [_measurement("lorafit", "lorafit", 100.0, 0.80, 0), _measurement("peft@bf16", "peft", 40.0, 0.78, 0, "bf16"),
+               _measurement("peft@bf16+group_by_length", "peft", 90.0, 0.79, 0, "bf16"),
+               _measurement("peft@fp32", "peft", 30.0, 0.79, 0)]
+    ratios = [r for r in summarize(records) if r["kind"] == "ratio"]
+    assert [(r["against"], r["speedup"]) for r in ratios] == [
+        ("peft@bf16", pytest.approx(2.5)), ("peft@bf16+group_by_length", pytest.approx(100 / 90))]
+    assert format_table(records).splitlines()[0].endswith("2.50x peft@bf16 (examples/s, medians); dev metric +2.00 pt")
+
+
 def test_peft_missing_is_one_clear_error(monkeypatch):
     from lorafit.bench.baseline import require_peft
 
