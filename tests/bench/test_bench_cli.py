@@ -71,3 +71,33 @@ def test_infer_and_memory_modes(tmp_path):
     assert main(["bench", "memory", *TINY, "--output", str(out)]) == 0
     (ratio,) = [r for r in _records(out) if r["kind"] == "ratio"]
     assert 0 < ratio["memory_ratio"] < 1.5
+
+
+def test_vary_seed_gives_each_round_its_own_seed(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    assert main(["bench", "train", *TINY[:-6], "--repeats", "2", "--threads", "1", "--no-peak", "--vary-seed",
+                 "--seed", "3", "--sides", "lorafit@fp32", "--output", str(out)]) == 0
+    runs = [r for r in _records(out) if r["kind"] == "measurement"]
+    assert [(r["repeat"], r["settings"]["seed"]) for r in runs] == [(0, 3), (1, 4)]
+    (summary,) = [r for r in _records(out) if r["kind"] == "summary"]
+    assert summary["dev_metric"]["n"] == 2  # the median is over both seeds
+
+
+def test_a_bench_stopped_midway_keeps_what_it_measured(tmp_path, monkeypatch):
+    from lorafit.bench import runner
+
+    real, calls = runner.run_worker, []
+
+    def second_side_dies(spec, threads):
+        calls.append(spec["side"]["impl"])
+        if len(calls) == 2:
+            raise RuntimeError("bench worker failed (killed)")
+        return real(spec, threads)
+
+    monkeypatch.setattr(runner, "run_worker", second_side_dies)
+    out = tmp_path / "bench.jsonl"
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["bench", "train", *TINY, "--no-peak", "--sides", "lorafit@fp32,lorafit", "--output", str(out)])
+    kept = _records(out)
+    assert [r["side"] for r in kept if r["kind"] == "measurement"] == ["lorafit@fp32"]
+    assert any(r["kind"] == "summary" and r["side"] == "lorafit@fp32" for r in kept)

@@ -27,7 +27,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                         "PEFT), e.g. lorafit@bf16+compile, lorafit-group_by_length, peft@bf16, peft@bf16+group_by_length "
                         "(the Trainer's own length grouping) (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="alternations A B A B ... (default: %(default)s)")
-    p.add_argument("--output", help="write every measurement and summary as JSON lines to this file")
+    p.add_argument("--output", help="write every measurement and summary as JSON lines to this file "
+                                    "(rewritten after each measurement, so a run stopped midway keeps what it measured)")
+    p.add_argument("--vary-seed", action="store_true",
+                   help="round k trains with seed SEED+k, so dev medians are over seeds (a repeated seed repeats "
+                        "lorafit's accuracy exactly)")
     p.add_argument("--from", dest="from_files", action="append", metavar="FILE",
                    help="print the table (and --plot) from earlier --output files instead of measuring (repeatable)")
     p.add_argument("--plot", metavar="PNG", help="write a bar chart of training examples/s by side")
@@ -88,10 +92,9 @@ def run_bench_cli(args: argparse.Namespace) -> int:
 
             if not torch.cuda.is_available():
                 raise LorafitError("--device cuda: no CUDA device is available here")
+        save = (lambda so_far: write_jsonl(args.output, so_far)) if args.output else None
         records = run_bench(args.mode, work, sides, args.repeats, measure_peak=args.peak, peak_seconds=args.peak_seconds,
-                            say=lambda line: print(line, flush=True))
-        if args.output:
-            write_jsonl(args.output, records)
+                            say=lambda line: print(line, flush=True), vary_seed=args.vary_seed, save=save)
     print(format_table(records))
     if args.output and not args.from_files:
         print(f"records written to {args.output}")

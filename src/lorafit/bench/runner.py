@@ -67,6 +67,8 @@ def run_bench(
     measure_peak: bool = True,
     peak_seconds: float = 0.5,
     say: Callable[[str], None] = print,
+    vary_seed: bool = False,
+    save: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """All measurement records of one benchmark, then its summary records (see :mod:`.summary`).
 
@@ -79,6 +81,10 @@ def run_bench(
         measure_peak: Measure the matmul peak and the FLOP count first (train mode).
         peak_seconds: Rough seconds spent timing each matmul shape.
         say: Progress lines go here.
+        vary_seed: Round ``k`` trains with ``work.seed + k``, so the dev medians are over seeds
+            (lorafit's runs are deterministic: repeating a seed only repeats its accuracy).
+        save: Called with the records so far (and their summary) after each measurement, so a
+            run that stops midway keeps what it measured.
     """
     from lorafit.bench.summary import summarize
 
@@ -101,14 +107,17 @@ def run_bench(
         records.append({"kind": "peak", "mode": mode, "settings": settings, **peak})
     plan = schedule(mode, sides)
     for repeat in range(repeats):
+        round_work = dataclasses.replace(work, seed=work.seed + repeat) if vary_seed else work
         for side, variant in plan:
             name = side.label + (f" {variant}" if variant else "")
             started = time.perf_counter()
-            result = run_worker(_spec(mode, work, side, variant), threads)
+            result = run_worker(_spec(mode, round_work, side, variant), threads)
             records.append({"kind": "measurement", "mode": mode, "side": side.label, "impl": side.impl,
-                            "variant": variant, "repeat": repeat, "settings": settings, **result})
+                            "variant": variant, "repeat": repeat, "settings": round_work.as_dict(), **result})
             say(f"[{repeat + 1}/{repeats}] {name}: {_brief(mode, result)} "
                 f"({time.perf_counter() - started:.0f} s wall)")
+            if save is not None:
+                save(records + summarize(records))
     return records + summarize(records)
 
 
