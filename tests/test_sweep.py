@@ -21,6 +21,7 @@ import yaml
 from lorafit.cli import build_parser, main
 from lorafit.config import TrainConfig
 from lorafit.errors import LorafitError
+from lorafit.run import RunDir
 from lorafit.sweep import (
     SWEEP_FILE,
     Grid,
@@ -330,10 +331,10 @@ def test_a_sweep_dir_with_another_grid_is_refused_unless_overwrite(tmp_path: Pat
     changed = Grid(str(out), base={**tiny_cell, "epochs": 5.0}, axes={"rank": [1, 2], "seed": [0]})
     with pytest.raises(LorafitError, match=r"1 run\(s\) there were trained with other epochs \(e.g. mrpc/lora-r1/seed0\).*--overwrite"):
         run_sweep(changed, echo=lambda s: None)
-    # A grid that drops cells of the recorded one: refused too.
-    fewer = Grid(str(out), base=dict(tiny_cell), axes={"rank": [1], "seed": [0]})
+    # A grid that drops cells of the recorded one and adds others: refused too.
+    other = Grid(str(out), base=dict(tiny_cell), axes={"rank": [1, 3], "seed": [0]})
     with pytest.raises(LorafitError, match=r"1 cell\(s\) of .*sweep.yaml are not in this grid \(e.g. mrpc/lora-r2/seed0\)"):
-        run_sweep(fewer, echo=lambda s: None)
+        run_sweep(other, echo=lambda s: None)
     assert (cells[0].path / "config.yaml").exists()
     # Adding cells (more seeds) is fine: check_sweep_dir finds nothing to delete.
     from lorafit.sweep import check_sweep_dir
@@ -342,6 +343,22 @@ def test_a_sweep_dir_with_another_grid_is_refused_unless_overwrite(tmp_path: Pat
     assert check_sweep_dir(more, expand(more), overwrite=False) == []
     # --overwrite deletes exactly the runs that are in the way.
     assert check_sweep_dir(changed, expand(changed), overwrite=True) == [cells[0].path]
+
+
+def test_a_part_of_the_recorded_sweep_runs_alone_and_keeps_the_record(tmp_path: Path, tiny_cell) -> None:
+    out = tmp_path / "sw"
+    whole = Grid(str(out), base=dict(tiny_cell), axes={"rank": [1, 2], "seed": [0]})
+    out.mkdir()
+    record = resolved(whole).to_yaml(expand(whole))
+    (out / SWEEP_FILE).write_text(record, encoding="utf-8")
+    lines: list[str] = []
+    # As `lorafit sweep --grid <its sweep.yaml> --ranks 2` would: one cell of the two.
+    part = Grid(str(out), base=dict(tiny_cell), axes={"rank": [2], "seed": [0]})
+    (cell,) = run_sweep(part, echo=lines.append)
+    assert cell.name == "mrpc/lora-r2/seed0" and RunDir(cell.path).is_finished()
+    assert not (out / "mrpc/lora-r1").exists()
+    assert (out / SWEEP_FILE).read_text(encoding="utf-8") == record
+    assert f"sweep {out}: running 1 of the 2 cells of {out / SWEEP_FILE}" in lines
 
 
 # -- running ----------------------------------------------------------------------------------

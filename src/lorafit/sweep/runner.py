@@ -29,27 +29,38 @@ def _changed_settings(cell: Cell) -> list[str]:
         return []
 
 
+def recorded_cells(root: Path) -> list[str]:
+    """The cell names of the sweep recorded in ``root`` (its sweep.yaml), or [] if none."""
+    record = root / SWEEP_FILE
+    if not record.is_file():
+        return []
+    try:
+        data = yaml.safe_load(record.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        raise LorafitError(f"{record}: not valid YAML; delete it or pass --overwrite") from None
+    return [str(n) for n in (data.get("cells") or [])] if isinstance(data, dict) else []
+
+
 def check_sweep_dir(grid: Grid, cells: list[Cell], overwrite: bool) -> list[Path]:
     """Refuse to mix grids in one directory; with ``overwrite``, the run directories to delete.
 
     Adding cells to a sweep is allowed (more seeds, more ranks): the old cells keep their runs.
-    Refused without --overwrite: a cell directory holding a run with other settings, and an
-    earlier sweep.yaml with cells this grid does not have. --overwrite deletes exactly those runs.
+    Running a part of the recorded sweep is allowed too (``--tasks rte`` on the same grid): only
+    those cells run, and the others and the record stay as they are. Refused without --overwrite:
+    a cell directory holding a run with other settings, and an earlier sweep.yaml with cells this
+    grid does not have while it also has cells that one does not. --overwrite deletes exactly the
+    runs of those cells.
     """
     root = Path(grid.output_dir)
     if root.exists() and not root.is_dir():
         raise LorafitError(f"--output-dir {root}: exists and is not a directory")
     conflicts = [(c, changed) for c in cells if (changed := _changed_settings(c))]
-    old_cells: list[str] = []
     record = root / SWEEP_FILE
-    if record.is_file():
-        try:
-            data = yaml.safe_load(record.read_text(encoding="utf-8")) or {}
-            old_cells = [str(n) for n in (data.get("cells") or [])] if isinstance(data, dict) else []
-        except yaml.YAMLError:
-            raise LorafitError(f"{record}: not valid YAML; delete it or pass --overwrite") from None
+    old_cells = recorded_cells(root)
     names = {c.name for c in cells}
     dropped = [n for n in old_cells if n not in names]
+    if dropped and not conflicts and not overwrite and names <= set(old_cells):
+        return []  # a part of the recorded sweep (e.g. --tasks rte): the other cells stay as they are
     if (conflicts or dropped) and not overwrite:
         lines = []
         if conflicts:
@@ -137,7 +148,11 @@ def run_sweep(grid: Grid, overwrite: bool = False, echo: Callable[[str], None] |
     for path in doomed:
         shutil.rmtree(path)
         say(f"removed {path} (--overwrite)")
-    atomic_write_bytes(root / SWEEP_FILE, resolved(grid).to_yaml(cells).encode())
+    recorded = recorded_cells(root)
+    if not overwrite and set(recorded) > {c.name for c in cells}:
+        say(f"sweep {root}: running {len(cells)} of the {len(recorded)} cells of {root / SWEEP_FILE}")
+    else:
+        atomic_write_bytes(root / SWEEP_FILE, resolved(grid).to_yaml(cells).encode())
 
     finished = sum(RunDir(c.path).is_finished() for c in cells)
     say(f"sweep {root}: {len(cells)} cells, {finished} finished, {len(cells) - finished} to run")
