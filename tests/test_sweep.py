@@ -200,6 +200,7 @@ def test_shipped_grids_name_themselves_and_expand() -> None:
         assert seeds[f"sst2/{method}{'-r8' if method == 'lora' else ''}/seed1"].max_train_samples == 16000
     wide = {c.name: c.config for c in expand(load_grid("minilm-conv-lr-wide"))}
     assert wide["stsb/lora-r8/seed0"].learning_rate == 2.5e-4 and wide["rte/full/seed0"].learning_rate == 1e-5
+    assert wide["rte/lora-r8/seed0"].learning_rate == 2.5e-4 and len(wide) == 8
     assert wide["sst2/full/seed0"].max_train_samples == 16000 and wide["cola/full/seed0"].batch_size == 32
     head = {c.name: c.config for c in expand(load_grid("minilm-conv-head"))}
     assert head["cola/lora-r8-saveclassifier-headlrnone/seed0"].modules_to_save == ["classifier"]
