@@ -484,3 +484,21 @@ def test_parallel_jobs_finish_every_cell(tmp_path, capfd):
     assert [c.name for c in cells] == [c.name for c in expand(grid)]
     # Workers share this terminal: no interleaved Transformers load/save bars from them.
     assert "Loading weights" not in capfd.readouterr().err
+
+
+def test_axis_flags_select_the_settings_bundles_that_set_their_field(capsys) -> None:
+    def cells(*flags: str) -> list[tuple[str, float]]:
+        grid = grid_from_args(build_parser().parse_args(["sweep", "--grid", "minilm-conv-lr-wide", *flags]))
+        return [(c.name, c.config.learning_rate) for c in expand(grid)]
+
+    # Each bundle of this grid names its task and method; a flag picks bundles, it does not add an
+    # axis that every bundle would override.
+    assert cells("--tasks", "rte", "--methods", "lora") == [("rte/lora-r8/seed0", 2.5e-4)]
+    assert [name for name, _ in cells("--methods", "full")] == [
+        "mrpc/full/seed0", "cola/full/seed0", "rte/full/seed0", "sst2/full/seed0", "stsb/full/seed0"]
+    # A field no bundle sets is still an axis: every kept bundle runs at each value.
+    assert cells("--tasks", "rte", "--seeds", "1,2") == [
+        ("rte/lora-r8/seed1", 2.5e-4), ("rte/lora-r8/seed2", 2.5e-4), ("rte/full/seed1", 1e-5), ("rte/full/seed2", 1e-5)]
+    assert main(["sweep", "--grid", "minilm-conv-lr-wide", "--tasks", "qnli"]) == 2
+    assert capsys.readouterr().err.strip() == ("lorafit: error: --tasks qnli: no settings bundle of the grid has task "
+                                               "qnli (its bundles have cola, mrpc, rte, sst2, stsb)")

@@ -76,6 +76,26 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(t, TrainConfig, skip=skip)
 
 
+def _select_bundles(grid: Grid, flag: str, name: str, values: list) -> bool:
+    """An axis flag on a grid whose settings bundles set that field selects the bundles.
+
+    ``--tasks rte`` on a grid of bundles such as ``{task: rte, learning_rate: 2.5e-4}`` keeps the
+    bundles with those values (a bundle's own value wins over an axis, so setting the axis
+    would silently change nothing). Returns True when every kept bundle sets the field, so no
+    axis is needed.
+    """
+    bundles = grid.axes.get("settings")
+    if not isinstance(bundles, list) or not any(isinstance(b, dict) and name in b for b in bundles):
+        return False
+    kept = [b for b in bundles if not isinstance(b, dict) or name not in b or b[name] in values]
+    if not kept:
+        shown = ", ".join(format_value(v) if v is not None else "default" for v in values)
+        raise LorafitError(f"{flag} {shown}: no settings bundle of the grid has {name} {shown} "
+                           f"(its bundles have {', '.join(sorted({format_value(b[name]) for b in bundles if name in b}))})")
+    grid.axes["settings"] = kept
+    return all(isinstance(b, dict) and name in b for b in kept)
+
+
 def grid_from_args(args: argparse.Namespace) -> Grid:
     """The grid the command line asks for: the --grid file (if any) with the flags on top."""
     axis_flags = any(getattr(args, f"axis_{n}", None) is not None for _, _, n in AXIS_FLAGS)
@@ -101,8 +121,9 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         if dup:
             shown = format_value(dup[0]) if dup[0] is not None else "default"
             raise LorafitError(f"{flag}: value {shown} is given twice")
-        grid.axes[name] = values
         grid.base.pop(name, None)
+        if not _select_bundles(grid, flag, name, values):
+            grid.axes[name] = values
     if getattr(args, "recipe", None):
         grid.base["recipe"] = args.recipe
         edited = edited or "recipe" in grid.axes or bool(grid.overrides)
