@@ -362,6 +362,35 @@ def test_a_part_of_the_recorded_sweep_runs_alone_and_keeps_the_record(tmp_path: 
     assert f"sweep {out}: running 1 of the 2 cells of {out / SWEEP_FILE}" in lines
 
 
+def test_a_grid_file_runs_part_by_part_as_one_sweep(tmp_path: Path, tiny_cell) -> None:
+    # `--grid G --tasks sst2,cola` then `--grid G --tasks rte` on the same directory: the second part
+    # is not "a different sweep", and sweep.yaml records the whole grid file, so continuing it from
+    # its record (or rerunning G) finds both parts.
+    out = tmp_path / "sw"
+    grid_file = write_grid(tmp_path / "g.yaml", {"output_dir": str(out), "base": tiny_cell,
+                                                 "grid": {"rank": [1, 2, 4], "seed": [0]}})
+    lines: list[str] = []
+    for rank in ("1", "2"):
+        grid = grid_from_args(parse("--grid", str(grid_file), "--ranks", rank))
+        (cell,) = run_sweep(grid, echo=lines.append)
+        assert cell.name == f"mrpc/lora-r{rank}/seed0" and RunDir(cell.path).is_finished()
+    assert f"sweep {out}: running 1 of the 3 cells of {grid_file}" in lines
+    assert not (out / "mrpc/lora-r4").exists()
+    record = yaml.safe_load((out / SWEEP_FILE).read_text(encoding="utf-8"))
+    assert record["cells"] == ["mrpc/lora-r1/seed0", "mrpc/lora-r2/seed0", "mrpc/lora-r4/seed0"]
+    assert record["grid"] == {"rank": [1, 2, 4], "seed": [0]}
+    # The record continues the whole sweep: the two finished parts are skipped.
+    lines.clear()
+    cells = run_sweep(load_grid(out / SWEEP_FILE), echo=lines.append)
+    assert len(cells) == 3 and all(RunDir(c.path).is_finished() for c in cells)
+    assert sum(line.endswith("finished, skipped") for line in lines) == 2
+    # A grid file the directory's runs are not part of is still another sweep.
+    other = write_grid(tmp_path / "o.yaml", {"output_dir": str(out), "base": tiny_cell,
+                                             "grid": {"rank": [8, 16], "seed": [0]}})
+    with pytest.raises(LorafitError, match=r"3 cell\(s\) of .*sweep.yaml are not in this grid"):
+        run_sweep(grid_from_args(parse("--grid", str(other), "--ranks", "8")), echo=lines.append)
+
+
 # -- running ----------------------------------------------------------------------------------
 
 

@@ -40,6 +40,8 @@ Running again continues: finished cells are skipped, a cell with a checkpoint re
 and a cell stopped before its first checkpoint starts again. A sweep directory may grow (more
 seeds, ranks or tasks), but a grid that would change the settings of a run already there, or
 drop cells of the recorded grid, is refused unless ``--overwrite`` (which deletes those runs).
+Axis flags on a grid file pick a part of it (``--grid G --tasks rte``): only those cells run,
+and the directory still holds and records the whole grid, so a grid can be run part by part.
 
 Modules: ``grid`` (the grid file and its checks), ``expand`` (cells and their names), ``runner``
 (running, resuming, the live summary), ``cli`` (the flags).

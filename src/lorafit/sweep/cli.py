@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import sys
 from pathlib import Path
@@ -13,7 +14,6 @@ from lorafit.flags import add_dataclass_arguments, comma_list
 from lorafit.settings import format_value
 from lorafit.sweep.grid import SWEEP_FILE, Grid, _targets, list_grids, load_grid
 
-# Axis flags: (flag, alias, field). The alias takes the same comma-separated list.
 # Axis flags: (flag, alias, field). The alias takes the same comma-separated list.
 AXIS_FLAGS = (
     ("--tasks", "--task", "task"),
@@ -109,6 +109,7 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
     grid = load_grid(path) if path else Grid(source="lorafit sweep")
     if args.output_dir:
         grid.output_dir = args.output_dir
+    whole = copy.deepcopy(grid) if path and axis_flags else None
     edited = False
     for flag, _, name in AXIS_FLAGS:
         values = getattr(args, f"axis_{name}", None)
@@ -124,17 +125,27 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         grid.base.pop(name, None)
         if not _select_bundles(grid, flag, name, values):
             grid.axes[name] = values
+    edited = _apply_training_flags(grid, args) or edited
+    grid.edited = edited
+    if whole is not None:
+        whole.edited = _apply_training_flags(whole, args)
+        grid.whole = whole
+    return grid
+
+
+def _apply_training_flags(grid: Grid, args: argparse.Namespace) -> bool:
+    """Set --recipe and the training flags on every cell; True if that changed the file's values."""
+    edited = False
     if getattr(args, "recipe", None):
         grid.base["recipe"] = args.recipe
-        edited = edited or "recipe" in grid.axes or bool(grid.overrides)
+        edited = "recipe" in grid.axes or bool(grid.overrides)
         grid.axes.pop("recipe", None)
     for f in dataclasses.fields(TrainConfig):
         if f.name not in PER_RUN_KEYS and hasattr(args, f.name):  # given (training flags default to "absent")
             grid.base[f.name] = getattr(args, f.name)
             edited = edited or f.name in grid.axes or f.name in grid.overrides
             grid.axes.pop(f.name, None)  # a training flag fixes the field for every cell
-    grid.edited = edited
-    return grid
+    return edited
 
 
 def run_sweep_cli(args: argparse.Namespace) -> int:

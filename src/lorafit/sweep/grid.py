@@ -30,6 +30,9 @@ class Grid:
     overrides: dict[str, dict[Any, dict[str, Any]]] = field(default_factory=dict)
     source: str = "lorafit sweep"  # names the grid in error messages: a file path or the command
     edited: bool = False  # flags changed the grid file's values (overrides may then match nothing)
+    # The grid file before axis flags picked a part of it (`--grid G --tasks rte`): the sweep its
+    # directory holds and records, so that running it task by task is one sweep, not several.
+    whole: Grid | None = None
 
     def to_yaml(self, cells: list[Cell]) -> str:
         """The resolved grid as a grid file (with the expanded cell names, for the record)."""

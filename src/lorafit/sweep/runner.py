@@ -41,15 +41,25 @@ def recorded_cells(root: Path) -> list[str]:
     return [str(n) for n in (data.get("cells") or [])] if isinstance(data, dict) else []
 
 
+def sweep_scope(grid: Grid, cells: list[Cell]) -> tuple[Grid, list[Cell]]:
+    """The sweep that ``cells`` are a part of: the whole grid file when axis flags picked some of
+    its cells (``--grid G --tasks rte``), else the grid itself."""
+    if grid.whole is not None:
+        whole_cells = expand(grid.whole)
+        if {c.name for c in cells} <= {c.name for c in whole_cells}:
+            return grid.whole, whole_cells
+    return grid, cells
+
+
 def check_sweep_dir(grid: Grid, cells: list[Cell], overwrite: bool) -> list[Path]:
     """Refuse to mix grids in one directory; with ``overwrite``, the run directories to delete.
 
     Adding cells to a sweep is allowed (more seeds, more ranks): the old cells keep their runs.
-    Running a part of the recorded sweep is allowed too (``--tasks rte`` on the same grid): only
-    those cells run, and the others and the record stay as they are. Refused without --overwrite:
-    a cell directory holding a run with other settings, and an earlier sweep.yaml with cells this
-    grid does not have while it also has cells that one does not. --overwrite deletes exactly the
-    runs of those cells.
+    Running a part of a sweep is allowed too: ``--tasks rte`` on the recorded sweep or on the
+    grid file it came from (so a grid can be run task by task); only those cells run and the
+    others stay as they are. Refused without --overwrite: a cell directory holding a run with
+    other settings, and an earlier sweep.yaml with cells this grid does not have while it also
+    has cells that one does not. --overwrite deletes exactly the runs of those cells.
     """
     root = Path(grid.output_dir)
     if root.exists() and not root.is_dir():
@@ -58,7 +68,8 @@ def check_sweep_dir(grid: Grid, cells: list[Cell], overwrite: bool) -> list[Path
     record = root / SWEEP_FILE
     old_cells = recorded_cells(root)
     names = {c.name for c in cells}
-    dropped = [n for n in old_cells if n not in names]
+    scope = {c.name for c in sweep_scope(grid, cells)[1]}
+    dropped = [n for n in old_cells if n not in scope]
     if dropped and not conflicts and not overwrite and names <= set(old_cells):
         return []  # a part of the recorded sweep (e.g. --tasks rte): the other cells stay as they are
     if (conflicts or dropped) and not overwrite:
@@ -148,11 +159,14 @@ def run_sweep(grid: Grid, overwrite: bool = False, echo: Callable[[str], None] |
     for path in doomed:
         shutil.rmtree(path)
         say(f"removed {path} (--overwrite)")
-    recorded = recorded_cells(root)
-    if not overwrite and set(recorded) > {c.name for c in cells}:
+    recorded = set(recorded_cells(root))
+    whole, whole_cells = sweep_scope(grid, cells)
+    if not overwrite and recorded > {c.name for c in whole_cells}:
         say(f"sweep {root}: running {len(cells)} of the {len(recorded)} cells of {root / SWEEP_FILE}")
     else:
-        atomic_write_bytes(root / SWEEP_FILE, resolved(grid).to_yaml(cells).encode())
+        atomic_write_bytes(root / SWEEP_FILE, resolved(whole).to_yaml(whole_cells).encode())
+        if len(whole_cells) > len(cells):
+            say(f"sweep {root}: running {len(cells)} of the {len(whole_cells)} cells of {grid.source}")
 
     finished = sum(RunDir(c.path).is_finished() for c in cells)
     say(f"sweep {root}: {len(cells)} cells, {finished} finished, {len(cells) - finished} to run")
