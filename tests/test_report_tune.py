@@ -107,6 +107,21 @@ def test_tune_verdict_on_claim_1_is_computed_from_the_main_table(tmp_path: Path)
             "protocol, so this verdict is provisional.") in verdict
 
 
+def test_tune_verdict_only_for_the_configurations_compared_on_the_most_tasks(tmp_path: Path) -> None:
+    # A head study run on CoLA alone, at the chosen rate, is listed per task, not judged on its average.
+    for task, lora, full in (("mrpc", 0.82, 0.84), ("cola", 0.31, 0.33)):
+        fake_run(tmp_path, task=task, value=lora, learning_rate=1e-3)
+        fake_run(tmp_path, task=task, method="full", value=full, learning_rate=2e-5)
+    fake_run(tmp_path, task="cola", value=0.26, learning_rate=1e-3, modules_to_save=["classifier"])
+    md = tuned_md([tmp_path], tmp_path / "r")
+    verdict = md.split("## Verdict: does LoRA match full fine-tuning?", 1)[1].split("\n## ", 1)[0]
+    assert verdict.count("** averages ") == 1
+    assert "**all-MiniLM-L6-v2 LoRA r=8 (query, value)** averages 56.5 against 58.5" in verdict
+    assert ("No verdict for the configurations run on fewer tasks (studies at an already chosen rate); their "
+            "differences from full fine-tuning, per task:\n\n- all-MiniLM-L6-v2 LoRA r=8 (query, value), "
+            "modules_to_save=classifier: CoLA -7.0 (LoRA − FT)") in verdict
+
+
 def test_tune_verdict_within_one_point_and_only_against_one_full_configuration(tmp_path: Path) -> None:
     for seed in range(3):
         fake_run(tmp_path / "a", seed=seed, value=0.855 + seed / 1000, learning_rate=1e-3)

@@ -117,21 +117,31 @@ def _claim_status(gap: float) -> str:
 
 
 def verdicts(rows: list[Row]) -> list[str]:
-    """Claim 1 (LoRA within :data:`CLAIM_POINTS` of full fine-tuning on average), one sentence per
-    LoRA configuration at the paper's setting; none unless there is exactly one full fine-tuning row."""
+    """Claim 1 (LoRA within :data:`CLAIM_POINTS` of full fine-tuning on average), one paragraph per
+    LoRA configuration at the paper's setting; none unless there is exactly one full fine-tuning row.
+
+    Only the configurations compared on the most tasks get a verdict: one run on fewer tasks (a
+    study at an already chosen rate, such as the head study) tests something else, and its
+    average over one or two tasks would read as a verdict on the claim. Those get one line each.
+    """
     full = [r for r in rows if r.method == "full"]
     if len(full) != 1:
         return []
     (ft,) = full
-    out = []
-    for lora in headline_lora(rows)[0]:
-        shared = task_order(set(lora.cells) & set(ft.cells))
-        if not shared:
+    compared = [(lora, task_order(set(lora.cells) & set(ft.cells))) for lora in headline_lora(rows)[0]]
+    compared = [(lora, shared) for lora, shared in compared if shared]
+    if not compared:
+        return []
+    most = max(len(shared) for _, shared in compared)
+    out, studies = [], []
+    for lora, shared in compared:
+        per_task = ", ".join(f"{task_title(t)} {_signed(lora.cells[t].median - ft.cells[t].median)}" for t in shared)
+        if len(shared) < most:
+            studies.append(f"- {_md(lora.label)}: {per_task} (LoRA − FT)")
             continue
         names = ", ".join(task_title(t) for t in shared)
         a = statistics.fmean(lora.cells[t].median for t in shared)
         b = statistics.fmean(ft.cells[t].median for t in shared)
-        per_task = ", ".join(f"{task_title(t)} {_signed(lora.cells[t].median - ft.cells[t].median)}" for t in shared)
         text = (f"**{_md(lora.label)}** averages {_pct(a)} against {_pct(b)} for **{_md(ft.label)}** over the "
                 f"{len(shared)} task{'s' if len(shared) > 1 else ''} both have ({names}): a gap of "
                 f"{_signed(a - b)} points, {_claim_status(a - b)}. Per task (LoRA − FT): {per_task}.")
@@ -143,6 +153,9 @@ def verdicts(rows: list[Row]) -> list[str]:
         text += (f"; {PROTOCOL_SEEDS} required by the protocol, so this verdict is provisional."
                  if fewest < PROTOCOL_SEEDS else f" ({PROTOCOL_SEEDS} required by the protocol).")
         out.append(text)
+    if studies:
+        out.append("No verdict for the configurations run on fewer tasks (studies at an already chosen rate); "
+                   "their differences from full fine-tuning, per task:\n\n" + "\n".join(studies))
     return out
 
 
