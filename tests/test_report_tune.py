@@ -134,6 +134,30 @@ def test_tune_verdict_within_one_point_and_only_against_one_full_configuration(t
     assert "## Verdict" not in tuned_md([tmp_path / "a"], tmp_path / "r2")
 
 
+def test_tune_gives_rank_ablations_and_variants_their_own_tables(tmp_path: Path) -> None:
+    # LoRA r=8 searched over three rates; r=4, DoRA and full fine-tuning at one rate each.
+    for lr, value in zip(LRS, (0.80, 0.84, 0.82)):
+        fake_run(tmp_path, value=value, learning_rate=lr)
+    fake_run(tmp_path, rank=4, value=0.83, learning_rate=1e-3)
+    fake_run(tmp_path, value=0.85, learning_rate=1e-3, use_dora=True)
+    fake_run(tmp_path, method="full", value=0.86, learning_rate=2e-5)
+    md = tuned_md([tmp_path], tmp_path / "r")
+    main_table = md.split("## Main table: learning_rate tuned per task", 1)[1].split("\n## ", 1)[0]
+    assert table_line(main_table, "all-MiniLM-L6-v2 LoRA r=8 (query, value)").startswith(
+        "| all-MiniLM-L6-v2 LoRA r=8 (query, value) | ")
+    results, choices = main_table.split("The learning_rate chosen", 1)
+    assert "LoRA r=4" not in results and "DoRA" not in results
+    assert "| all-MiniLM-L6-v2 LoRA r=4 (query, value) | 0.001 (1 seed) |" in choices  # every row's rate
+    rank = md.split("## Rank ablation", 1)[1].split("\n## ", 1)[0]
+    assert "| 84.0 |" in table_line(rank, "all-MiniLM-L6-v2 LoRA r=8 (query, value)")  # at its chosen 1e-3
+    assert "| 83.0 |" in table_line(rank, "all-MiniLM-L6-v2 LoRA r=4 (query, value)")
+    variants = md.split("## LoRA variants", 1)[1].split("\n## ", 1)[0]
+    assert "| 85.0 |" in table_line(variants, "all-MiniLM-L6-v2 DoRA r=8 (query, value)")
+    assert "| 86.0 |" in table_line(variants, "all-MiniLM-L6-v2 FT")
+    # The verdict stays on LoRA at the paper's setting against full fine-tuning.
+    assert "**all-MiniLM-L6-v2 LoRA r=8 (query, value)** averages 84.0 against 86.0" in md
+
+
 def test_examples_seen_is_optimizer_steps_times_the_global_batch(tmp_path: Path) -> None:
     from lorafit.report import load_run
 

@@ -134,6 +134,7 @@ class Section:
     rows: list[Row]
     with_paper: bool = False
     shared_tasks_only: bool = False  # ablations: only the tasks the compared rows share
+    main: bool = False  # the main comparison (full fine-tuning and LoRA at the paper's setting)
 
 
 def headline_lora(rows: list[Row]) -> tuple[list[Row], bool]:
@@ -168,7 +169,7 @@ def detect_sections(rows: list[Row]) -> list[Section]:
             "(no run at the paper's setting, rank 8 on the default W_q, W_v: every rank is shown)")
         sections.append(Section("Main comparison: LoRA vs full fine-tuning",
                                 intro + ", with the paper's RoBERTa-base rows beside them for reference.",
-                                full + lora, with_paper=True))
+                                full + lora, with_paper=True, main=True))
         shown |= {r.key for r in full + lora}
     lora = [r for r in rows if r.method == "lora"]
     for title, intro, same, differ in (

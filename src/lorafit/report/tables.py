@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.report.paper import PAPER_ROWS, PAPER_SOURCE, PAPER_TASKS
-from lorafit.report.rows import Row, detect_sections, task_order, task_title
+from lorafit.report.rows import Row, Section, detect_sections, task_order, task_title
 from lorafit.report.runs import Group
 
 METRIC_LABELS = {"accuracy": "Acc", "matthews_correlation": "MCC", "pearson": "Pearson", "f1": "F1",
@@ -133,8 +133,13 @@ def intro_parts(groups: list[Group], command: str, cells: list[Group]) -> list[s
 
 def section_parts(rows: list[Row]) -> list[str]:
     """The main comparison and the ablations (see :func:`detect_sections`), one table each."""
+    return render_sections(detect_sections(rows))
+
+
+def render_sections(sections: list[Section]) -> list[str]:
+    """Each section as a heading, its intro and its table."""
     parts: list[str] = []
-    for section in detect_sections(rows):
+    for section in sections:
         parts += ["", f"## {section.title}", ""]
         if section.intro:
             parts += [section.intro, ""]

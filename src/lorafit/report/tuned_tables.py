@@ -7,9 +7,17 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from lorafit.report.rows import Row, build_rows, headline_lora, task_order, task_title
+from lorafit.report.rows import Row, build_rows, detect_sections, headline_lora, task_order, task_title
 from lorafit.report.runs import Group
-from lorafit.report.tables import METRIC_LABELS, _md, _pct, closing_parts, intro_parts, markdown_table
+from lorafit.report.tables import (
+    METRIC_LABELS,
+    _md,
+    _pct,
+    closing_parts,
+    intro_parts,
+    markdown_table,
+    render_sections,
+)
 from lorafit.report.tuning import Choice, tune_groups, value_order
 from lorafit.settings import format_value
 
@@ -162,11 +170,15 @@ def verdicts(rows: list[Row]) -> list[str]:
 def tuned_parts(tuned: Tuned) -> list[str]:
     """The sections of a tuned report, in place of the untuned main comparison and ablations."""
     f = tuned.field
+    # The main table holds full fine-tuning and LoRA at the paper's setting; rank and target
+    # ablations and variants get their own tables below it, as in an untuned report.
+    sections = detect_sections(tuned.rows)
+    main = next((s for s in sections if s.main), None)
     parts = ["", f"## Main table: {f} tuned per task", "",
              (f"Each configuration at the {f} chosen for each task by the search below (the search seed's best "
               f"dev value), median over every seed run at that {f}, with the paper's RoBERTa-base rows beside "
               "them for reference."), "",
-             markdown_table(tuned.rows, with_paper=True), "",
+             markdown_table(main.rows if main else tuned.rows, with_paper=True), "",
              f"The {f} chosen per task, and the seeds behind each median:", "",
              choice_table(tuned)]
     sentences = verdicts(tuned.rows)
@@ -176,6 +188,8 @@ def tuned_parts(tuned: Tuned) -> list[str]:
                    f"of full fine-tuning over the tasks, both with {f} tuned per task, on the median of "
                    f"{PROTOCOL_SEEDS} seeds. Computed from the main table above."), ""]
         parts.append("\n\n".join(sentences))
+    if main:
+        parts += render_sections([s for s in sections if not s.main])
     search = search_tables(tuned)
     if search:
         parts += ["", f"## {f} search", "",
