@@ -318,7 +318,7 @@ def test_the_committed_converged_protocol_tables_are_what_its_runs_give(tmp_path
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)
     studies = [f"docs/reproduction/runs/converged/{s}"
-               for s in ("lr-lora", "lr-full", "lr-wide", "head", "seeds-lora", "seeds-full")
+               for s in ("lr-lora", "lr-full", "lr-wide", "head", "seeds-lora", "seeds-full", "ablation")
                if (repo / "docs/reproduction/runs/converged" / s).is_dir()]
     command = shlex.join(["lorafit", "report", *studies, "--output", "docs/reproduction/converged",
                           "--tune", "learning_rate"])

@@ -165,7 +165,7 @@ def test_resolved_grid_file_reloads_to_the_same_cells(tmp_path: Path) -> None:
 
 
 def test_shipped_grids_name_themselves_and_expand() -> None:
-    assert list_grids() == ["minilm-ablation", "minilm-conv-head", "minilm-conv-lr-full", "minilm-conv-lr-lora",
+    assert list_grids() == ["minilm-ablation", "minilm-conv-ablation", "minilm-conv-head", "minilm-conv-lr-full", "minilm-conv-lr-lora",
                             "minilm-conv-lr-wide",
                             "minilm-conv-seeds-full", "minilm-conv-seeds-lora", "minilm-cpu-head",
                             "minilm-cpu-main", "minilm-cpu-rank", "minilm-cpu-targets", "minilm-cpu-variants",
@@ -205,6 +205,13 @@ def test_shipped_grids_name_themselves_and_expand() -> None:
     head = {c.name: c.config for c in expand(load_grid("minilm-conv-head"))}
     assert head["cola/lora-r8-saveclassifier-headlrnone/seed0"].modules_to_save == ["classifier"]
     assert head["mrpc/lora-r8-saveclassifier+pooler-headlr0.0001/seed0"].head_learning_rate == 1e-4
+    # The converged ablations on SST-2: 4 ranks and 2 target sets x 3 seeds, seed 0 of every cell first.
+    conv_ablation = expand(load_grid("minilm-conv-ablation"))
+    assert [c.config.seed for c in conv_ablation] == [0] * 6 + [1] * 6 + [2] * 6
+    assert {(c.config.rank, tuple(c.config.target_modules or ())) for c in conv_ablation} == {
+        (1, ()), (2, ()), (4, ()), (64, ()), (8, ("query", "key")),
+        (8, ("query", "key", "value", "attention.output.dense"))}
+    assert {c.config.learning_rate for c in conv_ablation} == {1e-3}
     # The variants study: 3 tasks x 6 variants (LoRA, rsLoRA, DoRA, LoRA+, PiSSA, full) x 3 seeds, each
     # variant at its own rate; its search: 3 tasks x (5 LoRA variants x 3 rates + 3 full rates), seed 0.
     variants = {c.name: c.config for c in expand(load_grid("minilm-cpu-variants"))}
