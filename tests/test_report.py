@@ -222,6 +222,26 @@ def test_lora_variants_are_named_and_get_their_own_table(tmp_path: Path) -> None
     assert table_line(md, "all-MiniLM-L6-v2 DoRA r=8 (query, value), learning_rate=0.0003").endswith("| 72.0 | 72.0 | 72.0 |")
 
 
+def test_the_variants_table_shows_what_each_variant_costs_in_speed(tmp_path: Path) -> None:
+    import json
+
+    speeds = {"LoRA": ({}, 100.0), "DoRA": ({"use_dora": True}, 60.0), "PiSSA": ({"init_lora_weights": "pissa"}, 90.0)}
+    for kind, (settings, speed) in speeds.items():
+        for task, slower in (("mrpc", 1.0), ("cola", 2.0)):
+            run = fake_run(tmp_path, task=task, value=0.7, **settings)
+            summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+            summary["examples_per_second"] = speed / slower
+            (run / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    fake_run(tmp_path, task="mrpc", method="full", value=0.8)  # examples/s 100.0, on one task only
+    md = make_report([tmp_path], tmp_path / "r").files["results.md"].read_text(encoding="utf-8")
+    speed = md.split("## LoRA variants", 1)[1].split("\n## ", 1)[0].split("(examples/s)", 1)[1]
+    assert table_line(speed, "all-MiniLM-L6-v2 LoRA r=8 (query, value)").endswith("| 100.0 | 50.0 | 1.00x |")
+    assert table_line(speed, "all-MiniLM-L6-v2 DoRA r=8 (query, value)").endswith("| 60.0 | 30.0 | 0.60x |")
+    assert table_line(speed, "all-MiniLM-L6-v2 PiSSA r=8 (query, value)").endswith("| 90.0 | 45.0 | 0.90x |")
+    assert table_line(speed, "all-MiniLM-L6-v2 FT").endswith("| 100.0 | – | 1.00x |")
+    assert "Ran on cpu: test CPU, 1 thread." in speed
+
+
 def test_unfinished_and_duplicate_runs(tmp_path: Path, capsys) -> None:
     fake_run(tmp_path / "a", value=0.8)
     fake_run(tmp_path / "a", seed=1, value=0.6, status="running")

@@ -135,6 +135,7 @@ class Section:
     with_paper: bool = False
     shared_tasks_only: bool = False  # ablations: only the tasks the compared rows share
     main: bool = False  # the main comparison (full fine-tuning and LoRA at the paper's setting)
+    with_speed: bool = False  # the variants: their training speed beside their metric, so a gain's cost shows
 
 
 def headline_lora(rows: list[Row]) -> tuple[list[Row], bool]:
@@ -193,7 +194,8 @@ def detect_sections(rows: list[Row]) -> list[Section]:
         models = {r.model for r in variants}
         sections.append(Section("LoRA variants", "LoRA and its variants (rsLoRA, DoRA, LoRA+, PiSSA) at the same rank "
                                 "and targets, beside full fine-tuning.",
-                                [r for r in full if r.model in models] + variants, shared_tasks_only=True))
+                                [r for r in full if r.model in models] + variants, shared_tasks_only=True,
+                                with_speed=True))
         shown |= {r.key for r in variants}
     rest = [r for r in rows if r.key not in shown]
     if rest:

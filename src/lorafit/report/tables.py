@@ -144,7 +144,37 @@ def render_sections(sections: list[Section]) -> list[str]:
         if section.intro:
             parts += [section.intro, ""]
         parts.append(markdown_table(section.rows, section.with_paper, section.shared_tasks_only))
+        if section.with_speed:
+            parts += ["", speed_table(section.rows)]
     return parts
+
+
+def speed_table(rows: list[Row]) -> str:
+    """Training examples/s of each row per task (median over its runs), and its mean ratio to plain
+    LoRA's over the tasks both ran: what a variant's gain costs in time."""
+    tasks = task_order({t for r in rows for t in r.cells})
+
+    def speed(row: Row, task: str) -> float | None:
+        values = [r.summary["examples_per_second"] for r in row.cells[task].runs
+                  if r.summary.get("examples_per_second")] if task in row.cells else []
+        return statistics.median(values) if values else None
+
+    plain = next((r for r in rows if r.method == "lora" and r.kind == "LoRA"), None)
+    header = ["Model & method", *(f"{task_title(t)} (examples/s)" for t in tasks)] + (["x LoRA"] if plain else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+    for row in rows:
+        cells = [format(v, ".1f") if (v := speed(row, t)) is not None else "–" for t in tasks]
+        if plain:
+            ratios = [a / b for t in tasks if (a := speed(row, t)) and (b := speed(plain, t))]
+            cells.append(f"{statistics.fmean(ratios):.2f}x" if ratios else "–")
+        lines.append("| " + " | ".join([_md(row.label), *cells]) + " |")
+    chips = sorted({hardware_text(r.summary.get("hardware")) for row in rows for g in row.cells.values()
+                    for r in g.runs})
+    lines += ["", "Training speed: examples/s over the training loop (evaluation excluded), median over "
+              "the runs of each cell; x LoRA is the mean over tasks of the ratio to plain LoRA's. "
+              + ("Ran on " + chips[0] + "." if len(chips) == 1 else
+                 "The runs ran on different CPUs (" + "; ".join(chips) + "): compare within one CPU only.")]
+    return "\n".join(lines)
 
 
 def closing_parts(groups: list[Group], rows: list[Row], plots: list[str]) -> list[str]:
