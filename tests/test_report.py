@@ -223,8 +223,6 @@ def test_lora_variants_are_named_and_get_their_own_table(tmp_path: Path) -> None
 
 
 def test_the_variants_table_shows_what_each_variant_costs_in_speed(tmp_path: Path) -> None:
-    import json
-
     speeds = [({}, 100.0), ({"use_dora": True}, 60.0), ({"init_lora_weights": "pissa"}, 90.0)]  # LoRA, DoRA, PiSSA
     for settings, speed in speeds:
         for task, slower in (("mrpc", 1.0), ("cola", 2.0)):

@@ -78,6 +78,12 @@ def paper_table() -> str:
     return "\n".join(lines)
 
 
+def summary_median(group: Group, key: str) -> float | None:
+    """The median of a summary field (e.g. examples_per_second) over a group's runs that have it."""
+    values = [r.summary[key] for r in group.runs if r.summary.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
 def runs_table(groups: list[Group], rows: list[Row]) -> str:
     label = {id(g): r.label for r in rows for g in r.cells.values()}
     header = ["Configuration", "Task", "Seeds", "Dev values (%)", "Best epoch (median)", "Train s (median)",
@@ -85,8 +91,8 @@ def runs_table(groups: list[Group], rows: list[Row]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---|---|---|---|---:|---:|---:|---|"]
 
     def med(key: str, fmt: str = "g") -> str:
-        values = [r.summary.get(key) for r in g.runs if r.summary.get(key) is not None]
-        return format(statistics.median(values), fmt) if values else "–"
+        value = summary_median(g, key)
+        return format(value, fmt) if value is not None else "–"
 
     in_row_order = [r.cells[t] for r in rows for t in task_order(r.cells)]
     order = {id(g): i for i, g in enumerate(in_row_order)}
@@ -155,9 +161,7 @@ def speed_table(rows: list[Row]) -> str:
     tasks = task_order({t for r in rows for t in r.cells})
 
     def speed(row: Row, task: str) -> float | None:
-        values = [r.summary["examples_per_second"] for r in row.cells[task].runs
-                  if r.summary.get("examples_per_second")] if task in row.cells else []
-        return statistics.median(values) if values else None
+        return summary_median(row.cells[task], "examples_per_second") if task in row.cells else None
 
     plain = next((r for r in rows if r.method == "lora" and r.kind == "LoRA"), None)
     header = ["Model & method", *(f"{task_title(t)} (examples/s)" for t in tasks)] + (["x LoRA"] if plain else [])
