@@ -240,6 +240,19 @@ def test_the_variants_table_shows_what_each_variant_costs_in_speed(tmp_path: Pat
     assert "Ran on cpu: test CPU, 1 thread." in speed
 
 
+def test_the_variants_plot_needs_full_fine_tuning_and_is_no_rank_series(tmp_path: Path) -> None:
+    for task in ("mrpc", "cola"):
+        fake_run(tmp_path / "v", task=task, value=0.70)
+        fake_run(tmp_path / "v", task=task, value=0.72, use_dora=True)
+    # LoRA and DoRA at one rank, no full fine-tuning: nothing to measure the gap against.
+    assert sorted(make_report([tmp_path / "v"], tmp_path / "r1").files) == ["results.csv", "results.md"]
+    for task in ("mrpc", "cola"):
+        fake_run(tmp_path / "v", task=task, method="full", value=0.75)
+    files = make_report([tmp_path / "v"], tmp_path / "r2").files
+    assert "variants.png" in files and not any(name.startswith("rank_") for name in files)
+    assert files["variants.png"].read_bytes().startswith(PNG)
+
+
 def test_unfinished_and_duplicate_runs(tmp_path: Path, capsys) -> None:
     fake_run(tmp_path / "a", value=0.8)
     fake_run(tmp_path / "a", seed=1, value=0.6, status="running")

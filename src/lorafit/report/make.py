@@ -13,16 +13,16 @@ from pathlib import Path
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_write_bytes
 from lorafit.paths import check_output
-from lorafit.report.plots import plot_curves, plot_examples_seen, plot_lora_vs_full, plot_rank
+from lorafit.report.plots import plot_curves, plot_examples_seen, plot_lora_vs_full, plot_rank, plot_variants
 from lorafit.report.results_csv import write_csv
-from lorafit.report.rows import Row, build_rows, task_order
+from lorafit.report.rows import Row, build_rows, detect_sections, task_order
 from lorafit.report.runs import find_runs, group_runs
 from lorafit.report.tables import write_markdown
 from lorafit.report.tuned_tables import Tuned, tune, write_tuned_markdown
 from lorafit.report.tuning import check_tunable
 from lorafit.settings import format_value
 
-PLOT_PATTERNS = ("rank_*.png", "curves_*.png", "lora_vs_full.png", "examples_seen_*.png")
+PLOT_PATTERNS = ("rank_*.png", "curves_*.png", "lora_vs_full.png", "examples_seen_*.png", "variants.png")
 
 
 def _file_part(task: str) -> str:
@@ -84,6 +84,9 @@ def _plots(rows: list[Row], tasks: list[str], tuned: Tuned | None) -> dict[str, 
             images[f"rank_{_file_part(task)}.png"] = png
     if (png := plot_lora_vs_full(shown)) is not None:
         images["lora_vs_full.png"] = png
+    variants = next((s for s in detect_sections(shown) if s.with_speed), None)
+    if variants and (png := plot_variants(variants.rows)) is not None:
+        images["variants.png"] = png
     for task in tasks:
         if tuned:
             cells = [(r.label, r.cells[task]) for r in tuned.rows if task in r.cells]

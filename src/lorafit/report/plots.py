@@ -7,7 +7,7 @@ import statistics
 
 from lorafit.report.rows import Row, headline_lora, task_order, task_title
 from lorafit.report.runs import Group
-from lorafit.report.tables import METRIC_LABELS
+from lorafit.report.tables import METRIC_LABELS, summary_median
 from lorafit.settings import format_value
 
 
@@ -47,8 +47,9 @@ def plot_rank(task: str, rows: list[Row]) -> bytes | None:
     series: dict[tuple, list[Row]] = {}
     for r in rows:
         if r.method == "lora" and task in r.cells:
-            series.setdefault((r.model, r.targets, r.variant), []).append(r)
-    series = {k: sorted(v, key=lambda r: r.rank) for k, v in series.items() if len(v) > 1}
+            series.setdefault((r.model, r.targets, r.variant, r.kind), []).append(r)
+    # A line needs two ranks: variants (DoRA, PiSSA, ...) at one rank are not a rank series.
+    series = {k: sorted(v, key=lambda r: r.rank) for k, v in series.items() if len({r.rank for r in v}) > 1}
     if not series:
         return None
     models = {k[0] for k in series}
@@ -108,6 +109,56 @@ def plot_lora_vs_full(rows: list[Row]) -> bytes | None:
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     fig.legend(fontsize=7, loc="outside lower center", ncol=1)
+    return _png(fig)
+
+
+def plot_variants(rows: list[Row]) -> bytes | None:
+    """The variants study in one figure: each row's dev metric per task (left), and each LoRA
+    variant's mean gap to full fine-tuning against its training speed relative to plain LoRA
+    (right), so that what a variant gains and what it costs show side by side."""
+    tasks = task_order(set.intersection(*(set(r.cells) for r in rows))) if rows else []
+    full = next((r for r in rows if r.method == "full"), None)
+    plain = next((r for r in rows if r.method == "lora" and r.kind == "LoRA"), None)
+    if not tasks or full is None or plain is None:
+        return None
+    fig = _figure(11.0, 4.4 + 0.2 * len(rows))
+    bars_ax, cost_ax = fig.subplots(1, 2, width_ratios=[1.5, 1.0])
+    lora = [r for r in rows if r.method == "lora"]
+    colors = dict(zip((r.key for r in rows), _colors(len(rows))))
+    width = 0.8 / len(lora)
+    for i, r in enumerate(lora):
+        # The gap to full fine-tuning, not the metric itself: the variants differ by a point or
+        # two, which bars from zero would hide.
+        ref = [full.cells[t].median for t in tasks]
+        groups = [r.cells[t] for t in tasks]
+        xs = [k - 0.4 + width * (i + 0.5) for k in range(len(tasks))]
+        bars_ax.bar(xs, [g.median - f for g, f in zip(groups, ref)], width, yerr=_errors(groups), capsize=2,
+                    color=colors[r.key], label=r.label)
+    bars_ax.axhline(0.0, color="black", linewidth=0.8)
+    bars_ax.set_xticks(range(len(tasks)), [f"{task_title(t)} ({METRIC_LABELS.get(rows_metric(rows, t), '')}; "
+                                           f"FT {full.cells[t].median:.1f})" for t in tasks])
+    bars_ax.set_ylabel("dev metric − full fine-tuning's (points)")
+    bars_ax.set_title("each variant against full fine-tuning (medians over seeds, bars: min–max)", fontsize=9)
+    bars_ax.grid(axis="y", alpha=0.3)
+    bars_ax.set_axisbelow(True)
+
+    def speed(r: Row, t: str) -> float | None:
+        return summary_median(r.cells[t], "examples_per_second")
+
+    for r in rows:
+        ratios = [a / b for t in tasks if (a := speed(r, t)) and (b := speed(plain, t))]
+        if not ratios:
+            continue
+        gap = statistics.fmean(r.cells[t].median - full.cells[t].median for t in tasks)
+        cost_ax.scatter([statistics.fmean(ratios)], [gap], s=60, color=colors[r.key], edgecolors="black", zorder=3)
+        cost_ax.annotate(r.kind if r.method == "lora" else "FT", (statistics.fmean(ratios), gap), fontsize=7,
+                         xytext=(5, 4), textcoords="offset points")
+    cost_ax.axhline(0.0, linestyle="--", color="grey", linewidth=0.8)
+    cost_ax.set_xlabel("training examples/s relative to plain LoRA (mean over tasks)")
+    cost_ax.set_ylabel("mean gap to full fine-tuning (points)")
+    cost_ax.set_title("gain vs cost (up: closer to or above FT; right: faster)", fontsize=9)
+    cost_ax.grid(alpha=0.3)
+    bars_ax.legend(fontsize=7, loc="best")
     return _png(fig)
 
 
