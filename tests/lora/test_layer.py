@@ -98,6 +98,8 @@ def test_dropout_acts_on_lora_branch_only_in_training():
     layer.eval()
     ref = layer(x)
     assert torch.equal(layer(x), ref)  # eval: deterministic
+    with torch.no_grad():  # and the branch sees the whole input
+        assert torch.equal(ref, layer.base_layer(x) + layer.lora_B(layer.lora_A(x)) * layer.scaling)
     layer.train()
     torch.manual_seed(3)
     out = layer(x)
