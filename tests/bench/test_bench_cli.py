@@ -66,7 +66,13 @@ def test_infer_and_memory_modes(tmp_path):
     runs = [r for r in _records(out) if r["kind"] == "measurement"]
     assert [r["variant"] for r in runs] == ["base", "unmerged", "merged"]
     assert all(r["latency_ms_b1"] > 0 and r["latency_p90_ms_b32"] >= r["latency_ms_b32"] for r in runs)
-    assert {r["side"] for r in _records(out) if r["kind"] == "ratio"} == {"unmerged", "merged"}
+    # One worker times the three variants interleaved: one environment, and a paired ratio per
+    # input for each LoRA variant against the base model.
+    assert len({json.dumps(r["environment"], sort_keys=True) for r in runs}) == 1
+    assert "paired_overhead_b1" not in runs[0] and all(r["paired_overhead_b32"] > -1 for r in runs[1:])
+    ratios = {r["side"]: r for r in _records(out) if r["kind"] == "ratio"}
+    assert set(ratios) == {"unmerged", "merged"}
+    assert ratios["merged"]["paired_overhead_b1"] == runs[2]["paired_overhead_b1"]  # one repeat: its own value
     out = tmp_path / "memory.jsonl"
     assert main(["bench", "memory", *TINY, "--output", str(out)]) == 0
     (ratio,) = [r for r in _records(out) if r["kind"] == "ratio"]

@@ -51,12 +51,14 @@ def _spec(mode: str, work: Workload, side: Side, variant: str | None = None) -> 
 
 
 def schedule(mode: str, sides: list[Side]) -> list[tuple[Side, str | None]]:
-    """What one repeat measures, in order."""
+    """What one repeat measures, in order: one worker per entry. Inference times its variants in
+    one worker, interleaved (see :func:`lorafit.bench.worker.infer`)."""
     if mode == "train":
         return [(s, None) for s in sides]
-    variants = INFER_VARIANTS if mode == "infer" else MEMORY_VARIANTS
     side = next((s for s in sides if s.impl == "lorafit"), Side("lorafit"))
-    return [(side, v) for v in variants]
+    if mode == "infer":
+        return [(side, None)]
+    return [(side, v) for v in MEMORY_VARIANTS]
 
 
 def run_bench(
@@ -109,13 +111,20 @@ def run_bench(
     for repeat in range(repeats):
         round_work = dataclasses.replace(work, seed=work.seed + repeat) if vary_seed else work
         for side, variant in plan:
-            name = side.label + (f" {variant}" if variant else "")
             started = time.perf_counter()
-            result = run_worker(_spec(mode, round_work, side, variant), threads)
-            records.append({"kind": "measurement", "mode": mode, "side": side.label, "impl": side.impl,
-                            "variant": variant, "repeat": repeat, "settings": round_work.as_dict(), **result})
-            say(f"[{repeat + 1}/{repeats}] {name}: {_brief(mode, result)} "
-                f"({time.perf_counter() - started:.0f} s wall)")
+            spec = _spec(mode, round_work, side, variant)
+            if mode == "infer":
+                spec["variants"] = list(INFER_VARIANTS)
+            result = run_worker(spec, threads)
+            environment = result.pop("environment")
+            for one in result.pop("variants", [result]):  # infer: one record per variant
+                record = {"kind": "measurement", "mode": mode, "side": side.label, "impl": side.impl,
+                          "variant": variant, "repeat": repeat, "settings": round_work.as_dict(), **one,
+                          "environment": environment}
+                records.append(record)
+                name = side.label + (f" {record['variant']}" if record["variant"] else "")
+                say(f"[{repeat + 1}/{repeats}] {name}: {_brief(mode, one)} "
+                    f"({time.perf_counter() - started:.0f} s wall)")
             if save is not None:
                 save(records + summarize(records))
     return records + summarize(records)

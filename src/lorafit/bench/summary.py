@@ -15,7 +15,7 @@ from lorafit.bench.spec import Side
 TRAIN_FIELDS = ("examples_per_second", "tokens_per_second", "dev_metric", "peak_memory_gib", "train_seconds",
                 "compile_seconds")
 INFER_FIELDS = ("latency_ms_b1", "latency_p90_ms_b1", "latency_ms_b32", "latency_p90_ms_b32",
-                "examples_per_second_b32")
+                "examples_per_second_b32", "paired_overhead_b1", "paired_overhead_b32")
 
 
 def _key(record: dict[str, Any]) -> tuple[str, str, str]:
@@ -90,9 +90,13 @@ def _ratios(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif mode == "infer":
             ref = next((s for s in rows if s["variant"] == "base"), None)
             for s in (s for s in rows if ref and s["variant"] != "base"):
-                out.append({**base, "side": s["variant"], "against": "base", **{
+                ratio = {**base, "side": s["variant"], "against": "base", **{
                     f"overhead_b{b}": s[f"latency_ms_b{b}"]["median"] / ref[f"latency_ms_b{b}"]["median"] - 1
-                    for b in (1, 32)}})
+                    for b in (1, 32)}}
+                for b in (1, 32):  # the median over repeats of each repeat's median per-input ratio
+                    if f"paired_overhead_b{b}" in s:
+                        ratio[f"paired_overhead_b{b}"] = s[f"paired_overhead_b{b}"]["median"]
+                out.append(ratio)
         else:
             lora = next((s for s in rows if s["variant"] == "lora"), None)
             full = next((s for s in rows if s["variant"] == "full"), None)
@@ -130,8 +134,12 @@ def format_table(records: list[dict[str, Any]]) -> str:
             lines.append(f"{where}: {side} = {r['speedup']:.2f}x {against} (examples/s, medians); "
                          f"dev metric {100 * r['dev_metric_difference']:+.2f} pt")
         elif r["mode"] == "infer":
-            lines.append(f"{where}: LoRA {r['side']} latency vs base: {100 * r['overhead_b1']:+.1f}% at batch 1, "
-                         f"{100 * r['overhead_b32']:+.1f}% at batch 32")
+            line = (f"{where}: LoRA {r['side']} latency vs base: {100 * r['overhead_b1']:+.1f}% at batch 1, "
+                    f"{100 * r['overhead_b32']:+.1f}% at batch 32")
+            if "paired_overhead_b1" in r:
+                line += (f" (per input, paired: {100 * r['paired_overhead_b1']:+.1f}%, "
+                         f"{100 * r['paired_overhead_b32']:+.1f}%)")
+            lines.append(line)
         else:
             lines.append(f"{where}: LoRA peak memory = {r['memory_ratio']:.2f}x full fine-tuning")
     rows = [r for r in summaries if r["kind"] == "summary"]

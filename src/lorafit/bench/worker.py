@@ -12,6 +12,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,31 +67,45 @@ def _inference_model(work: Workload, variant: str) -> tuple[torch.nn.Module, Any
     return model.eval().to(work.device), next(iter(evals.values())), pad
 
 
-def infer(work: Workload, side: Side, variant: str, calls: int = 60, warmup: int = 5) -> dict[str, Any]:
-    """Latency (median, p90) at batch 1 and 32, and throughput at 32, of one model variant."""
+def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60, warmup: int = 5) -> dict[str, Any]:
+    """Latency (median, p90) at batch 1 and 32, and throughput at 32, of each model variant.
+
+    The variants' calls are interleaved (each input runs through every model in turn, the order
+    rotating from one input to the next) rather than timed one model after the other: on a shared
+    VM the machine's speed drifts by tens of percent within a minute, which timed blocks would
+    read as differences between the models. Interleaved, each input also gives a paired ratio
+    (a variant's time over the base model's on the same input), whose median is reported too.
+    """
     from lorafit.data import collate
 
-    model, data, pad = _inference_model(work, variant)
+    models = {v: _inference_model(work, v) for v in variants}
     device = torch.device(work.device)
     # A plain "lorafit" side infers as `lorafit eval` / `predict` do, in fp32; "auto" as training would.
     precision = fastpath.resolve_precision(side.precision or "fp32", device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    out: dict[str, Any] = {"variant": variant, "precision": precision}
+    out: dict[str, dict[str, Any]] = {v: {"variant": v, "precision": precision} for v in variants}
+    data, pad = next(iter(models.values()))[1:]  # the same dev set for every variant
     for batch in (1, 32):
-        times = []
+        times: dict[str, list[float]] = {v: [] for v in variants}
         for n in range(calls + warmup):  # consecutive dev examples, wrapping around a small set
             inputs = collate(data, np.arange(n * batch, (n + 1) * batch) % len(data), pad)
             inputs.pop("labels")
             inputs = {k: v.to(device) for k, v in inputs.items()}
-            t0 = time.perf_counter()
-            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                model(**inputs).logits.float().cpu()  # .cpu() waits for the GPU
-            if n >= warmup:
-                times.append(time.perf_counter() - t0)
-        out[f"latency_ms_b{batch}"] = statistics.median(times) * 1e3
-        out[f"latency_p90_ms_b{batch}"] = float(np.percentile(times, 90)) * 1e3
-        out[f"examples_per_second_b{batch}"] = batch * len(times) / sum(times)
-    return out
+            for k in range(len(variants)):
+                variant = variants[(n + k) % len(variants)]
+                t0 = time.perf_counter()
+                with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    models[variant][0](**inputs).logits.float().cpu()  # .cpu() waits for the GPU
+                if n >= warmup:
+                    times[variant].append(time.perf_counter() - t0)
+        for variant, ts in times.items():
+            out[variant][f"latency_ms_b{batch}"] = statistics.median(ts) * 1e3
+            out[variant][f"latency_p90_ms_b{batch}"] = float(np.percentile(ts, 90)) * 1e3
+            out[variant][f"examples_per_second_b{batch}"] = batch * len(ts) / sum(ts)
+            if "base" in times and variant != "base":
+                out[variant][f"paired_overhead_b{batch}"] = statistics.median(
+                    t / b for t, b in zip(ts, times["base"])) - 1
+    return {"variants": [out[v] for v in variants]}
 
 
 def memory(work: Workload, side: Side, method: str, steps: int = 20) -> dict[str, Any]:
@@ -139,7 +154,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             result = lorafit_train(work, side)
     elif spec["mode"] == "infer":
-        result = infer(work, side, spec["variant"])
+        result = infer(work, side, spec["variants"])
     elif spec["mode"] == "peak":
         result = peak(work, side, spec.get("budget", 0.5))
     else:
