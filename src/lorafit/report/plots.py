@@ -126,10 +126,10 @@ def plot_variants(rows: list[Row]) -> bytes | None:
     lora = [r for r in rows if r.method == "lora"]
     colors = dict(zip((r.key for r in rows), _colors(len(rows))))
     width = 0.8 / len(lora)
+    ref = [full.cells[t].median for t in tasks]
     for i, r in enumerate(lora):
         # The gap to full fine-tuning, not the metric itself: the variants differ by a point or
         # two, which bars from zero would hide.
-        ref = [full.cells[t].median for t in tasks]
         groups = [r.cells[t] for t in tasks]
         xs = [k - 0.4 + width * (i + 0.5) for k in range(len(tasks))]
         bars_ax.bar(xs, [g.median - f for g, f in zip(groups, ref)], width, yerr=_errors(groups), capsize=2,
@@ -149,10 +149,10 @@ def plot_variants(rows: list[Row]) -> bytes | None:
         ratios = [a / b for t in tasks if (a := speed(r, t)) and (b := speed(plain, t))]
         if not ratios:
             continue
-        gap = statistics.fmean(r.cells[t].median - full.cells[t].median for t in tasks)
-        cost_ax.scatter([statistics.fmean(ratios)], [gap], s=60, color=colors[r.key], edgecolors="black", zorder=3)
-        cost_ax.annotate(r.kind if r.method == "lora" else "FT", (statistics.fmean(ratios), gap), fontsize=7,
-                         xytext=(5, 4), textcoords="offset points")
+        x, gap = statistics.fmean(ratios), statistics.fmean(r.cells[t].median - f for t, f in zip(tasks, ref))
+        cost_ax.scatter([x], [gap], s=60, color=colors[r.key], edgecolors="black", zorder=3)
+        cost_ax.annotate(r.kind if r.method == "lora" else "FT", (x, gap), fontsize=7, xytext=(5, 4),
+                         textcoords="offset points")
     cost_ax.axhline(0.0, linestyle="--", color="grey", linewidth=0.8)
     cost_ax.set_xlabel("training examples/s relative to plain LoRA (mean over tasks)")
     cost_ax.set_ylabel("mean gap to full fine-tuning (points)")
