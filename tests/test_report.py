@@ -341,28 +341,37 @@ def test_the_committed_reproduction_report_is_what_its_runs_give(tmp_path: Path,
     assert len(rows) > 40 and all(row in doc for row in rows)
 
 
-def test_the_committed_converged_protocol_tables_are_what_its_runs_give(tmp_path: Path, monkeypatch) -> None:
-    # The converged protocol (docs/reproduction/converged, and its block in docs/reproduction.md) is
-    # generated with --tune learning_rate from every study folder that has landed, in this order.
+TUNED_STUDIES = {  # block name in docs/reproduction.md -> its study folders, in `lorafit report` order
+    "converged": ["lr-lora", "lr-full", "lr-wide", "head", "seeds-lora", "seeds-full", "ablation"],
+    "variants": ["lr", "seeds"],
+}
+
+
+@pytest.mark.parametrize("block", sorted(TUNED_STUDIES))
+def test_the_committed_tuned_studies_are_what_their_runs_give(block: str, tmp_path: Path, monkeypatch) -> None:
+    # The converged protocol and the variants study (docs/reproduction/<block>, and their blocks in
+    # docs/reproduction.md) are generated with --tune learning_rate from every study folder that has
+    # landed, in this order; the first folder (the search) is always there.
     from lorafit.report import splice
 
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(repo)
-    studies = [f"docs/reproduction/runs/converged/{s}"
-               for s in ("lr-lora", "lr-full", "lr-wide", "head", "seeds-lora", "seeds-full", "ablation")
-               if (repo / "docs/reproduction/runs/converged" / s).is_dir()]
-    command = shlex.join(["lorafit", "report", *studies, "--output", "docs/reproduction/converged",
+    root = f"docs/reproduction/runs/{block}"
+    names = TUNED_STUDIES[block]
+    assert (repo / root / names[0]).is_dir()
+    studies = [f"{root}/{s}" for s in names if (repo / root / s).is_dir()]
+    command = shlex.join(["lorafit", "report", *studies, "--output", f"docs/reproduction/{block}",
                           "--tune", "learning_rate"])
     report = make_report([Path(s) for s in studies], tmp_path, command=command, tune_field="learning_rate")
-    committed = repo / "docs" / "reproduction" / "converged"
+    committed = repo / "docs" / "reproduction" / block
     for name in ("results.md", "results.csv"):
         assert (tmp_path / name).read_text(encoding="utf-8") == (committed / name).read_text(encoding="utf-8"), name
     assert sorted(n for n in report.files if n.endswith(".png")) == sorted(p.name for p in committed.glob("*.png"))
     assert any(n.startswith("examples_seen_") for n in report.files)
-    # Both generated blocks of docs/reproduction.md are byte for byte what their reports give: splicing
+    # Every generated block of docs/reproduction.md is byte for byte what its report gives: splicing
     # the regenerated results into the committed document changes nothing.
     doc = (repo / "docs" / "reproduction.md").read_text(encoding="utf-8")
-    converged = (tmp_path / "results.md").read_text(encoding="utf-8")
-    assert splice(doc, converged, "reproduction/converged", "converged") == doc
+    generated = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert splice(doc, generated, f"reproduction/{block}", block) == doc
     short = (repo / "docs" / "reproduction" / "results.md").read_text(encoding="utf-8")  # checked above
     assert splice(doc, short, "reproduction") == doc
