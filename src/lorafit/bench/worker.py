@@ -44,17 +44,25 @@ def lorafit_train(work: Workload, side: Side) -> dict[str, Any]:
     }
 
 
-def _inference_model(work: Workload, variant: str) -> tuple[torch.nn.Module, Any, Any]:
+def _inference_data(work: Workload) -> tuple[Any, int]:
+    """The dev set every inference variant runs on, and the tokenizer's padding id."""
+    from lorafit.models import load_tokenizer
+    from lorafit.train import load_data
+
+    cfg = lorafit_config(work, Side("lorafit"), tempfile.mkdtemp())
+    tokenizer = load_tokenizer(cfg.model)
+    _, evals = load_data(cfg, cfg.task_spec(), tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return next(iter(evals.values())), pad
+
+
+def _inference_model(work: Workload, variant: str) -> torch.nn.Module:
     """The model for one inference variant: base, LoRA unmerged, or LoRA merged and unloaded."""
     from lorafit.lora import merge_and_unload
-    from lorafit.models import load_tokenizer
-    from lorafit.train import build_model, load_data
+    from lorafit.train import build_model
 
     cfg = lorafit_config(work, Side("lorafit"), tempfile.mkdtemp(), method="full" if variant == "base" else "lora")
-    task = cfg.task_spec()
-    tokenizer = load_tokenizer(cfg.model)
-    _, evals = load_data(cfg, task, tokenizer)
-    model = build_model(cfg, task)
+    model = build_model(cfg, cfg.task_spec())
     if variant != "base":
         gen = torch.Generator().manual_seed(work.seed)
         with torch.no_grad():  # a trained-looking adapter: B != 0, so merging changes the weights
@@ -63,8 +71,7 @@ def _inference_model(work: Workload, variant: str) -> tuple[torch.nn.Module, Any
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.01)
         if variant == "merged":
             model = merge_and_unload(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return model.eval().to(work.device), next(iter(evals.values())), pad
+    return model.eval().to(work.device)
 
 
 def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60, warmup: int = 5) -> dict[str, Any]:
@@ -78,13 +85,13 @@ def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60, 
     """
     from lorafit.data import collate
 
+    data, pad = _inference_data(work)
     models = {v: _inference_model(work, v) for v in variants}
     device = torch.device(work.device)
     # A plain "lorafit" side infers as `lorafit eval` / `predict` do, in fp32; "auto" as training would.
     precision = fastpath.resolve_precision(side.precision or "fp32", device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     out: dict[str, dict[str, Any]] = {v: {"variant": v, "precision": precision} for v in variants}
-    data, pad = next(iter(models.values()))[1:]  # the same dev set for every variant
     for batch in (1, 32):
         times: dict[str, list[float]] = {v: [] for v in variants}
         for n in range(calls + warmup):  # consecutive dev examples, wrapping around a small set
@@ -95,7 +102,7 @@ def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60, 
                 variant = variants[(n + k) % len(variants)]
                 t0 = time.perf_counter()
                 with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    models[variant][0](**inputs).logits.float().cpu()  # .cpu() waits for the GPU
+                    models[variant](**inputs).logits.float().cpu()  # .cpu() waits for the GPU
                 if n >= warmup:
                     times[variant].append(time.perf_counter() - t0)
         for variant, ts in times.items():
