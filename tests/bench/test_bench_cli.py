@@ -17,6 +17,21 @@ TRAIN_FIELDS = {"examples_per_second", "tokens_per_second", "peak_memory_gib", "
                 "examples", "tokens", "steps", "precision", "compile_seconds"}
 
 
+def test_a_variant_side_trains_that_variant_and_is_compared_with_plain_lora(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    assert main(["bench", "train", *TINY, "--no-peak", "--sides", "lorafit@fp32,lorafit@fp32+dora",
+                 "--output", str(out)]) == 0
+    records = _records(out)
+    plain, dora = (next(r for r in records if r["kind"] == "measurement" and r["side"] == s)
+                   for s in ("lorafit@fp32", "lorafit@fp32+dora"))
+    # DoRA trains one magnitude per output row of each adapted layer on top of A and B: MiniLM's
+    # query and value in 6 layers, 384 rows each.
+    assert dora["trainable_parameters"]["adapter"] - plain["trainable_parameters"]["adapter"] == 6 * 2 * 384
+    (ratio,) = [r for r in records if r["kind"] == "ratio" and r["side"] == "lorafit@fp32+dora"]
+    assert ratio["against"] == "lorafit@fp32"
+    assert ratio["speedup"] == pytest.approx(dora["examples_per_second"] / plain["examples_per_second"])
+
+
 def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -24,9 +24,25 @@ def test_side_specs_parse_precision_and_switches():
     assert Side.parse("peft@bf16+group_by_length") == Side("peft", "bf16", (("group_by_length", True),))
 
 
+def test_a_variant_side_sets_that_variants_config_fields(tmp_path):
+    from lorafit.bench.spec import Workload, lorafit_config
+
+    side = Side.parse("lorafit@bf16+dora-group_by_length")
+    assert side.variant == "dora" and Side.parse("lorafit+compile").variant is None
+    expected = {"dora": ("use_dora", True), "rslora": ("use_rslora", True),
+                "loraplus": ("loraplus_lr_ratio", 16.0), "pissa": ("init_lora_weights", "pissa")}
+    for name, (field, value) in expected.items():
+        cfg = lorafit_config(Workload(), Side.parse(f"lorafit+{name}-group_by_length"), str(tmp_path))
+        assert getattr(cfg, field) == value and cfg.group_by_length is False
+    plain = lorafit_config(Workload(), Side.parse("lorafit"), str(tmp_path))
+    assert (plain.use_dora, plain.use_rslora, plain.loraplus_lr_ratio, plain.init_lora_weights) == (
+        False, False, None, "default")
+
+
 @pytest.mark.parametrize("text, word", [("hf", "implementation"), ("peft@int8", "precision"),
                                          ("peft+compile", "option"), ("lorafit+turbo", "option"),
-                                         ("peft-fused_optimizer", "option")])
+                                         ("peft-fused_optimizer", "option"), ("peft+dora", "option"),
+                                         ("lorafit-dora", r"\+dora")])
 def test_bad_side_specs_name_what_is_wrong(text, word):
     with pytest.raises(LorafitError, match=word):
         Side.parse(text)
@@ -96,6 +112,22 @@ def test_a_switched_baseline_is_a_second_comparison_not_the_best_of_one():
     assert [(r["against"], r["speedup"]) for r in ratios] == [
         ("peft@bf16", pytest.approx(2.5)), ("peft@bf16+group_by_length", pytest.approx(100 / 90))]
     assert format_table(records).splitlines()[0].endswith("2.50x peft@bf16 (examples/s, medians); dev metric +2.00 pt")
+
+
+def test_a_variant_side_is_also_compared_with_plain_lora_at_its_setting():
+    peak = {"kind": "peak", "settings": {"task": "mrpc", "model": "minilm", "device": "cpu"},
+            "flops_per_token": {"lora": 1_000_000, "full": 0}, "peaks": [{"dtype": "bf16", "shape": "model", "gflops": 10.0}]}
+    records = [_measurement("lorafit@bf16", "lorafit", 100.0, 0.80, 0, "bf16"),
+               _measurement("lorafit@bf16+dora", "lorafit", 80.0, 0.81, 0, "bf16"),
+               _measurement("peft@bf16", "peft", 40.0, 0.78, 0, "bf16"), peak]
+    out = summarize(records)
+    ratios = [(r["side"], r["against"], r["speedup"]) for r in out if r["kind"] == "ratio"]
+    assert ratios == [("lorafit@bf16", "peft@bf16", pytest.approx(2.5)), ("lorafit@bf16+dora", "peft@bf16", pytest.approx(2.0)),
+                      ("lorafit@bf16+dora", "lorafit@bf16", pytest.approx(0.8))]
+    # % of peak counts plain LoRA's FLOPs, so it is given for plain LoRA only.
+    dora = next(r for r in out if r["kind"] == "summary" and r["side"] == "lorafit@bf16+dora")
+    assert "percent_of_peak" not in dora
+    assert "lorafit@bf16+dora = 0.80x lorafit@bf16 (examples/s, medians); dev metric +1.00 pt" in format_table(records)
 
 
 def test_peft_missing_is_one_clear_error(monkeypatch):

@@ -17,7 +17,14 @@ from lorafit.errors import LorafitError
 IMPLEMENTATIONS = ("lorafit", "peft")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # lorafit options a side may switch on or off by name (``lorafit@bf16+compile-frozen_bf16``).
-LORAFIT_SWITCHES = ("compile", "frozen_bf16", "fused_optimizer", "group_by_length")
+# LoRA's variants a lorafit side may turn on (``lorafit+dora``), so that one alternating bench
+# measures what each costs against plain LoRA: the TrainConfig fields each switch sets.
+VARIANT_SWITCHES: dict[str, dict[str, Any]] = {
+    "rslora": {"use_rslora": True}, "dora": {"use_dora": True},
+    "loraplus": {"loraplus_lr_ratio": 16.0},  # the LoRA+ paper's suggested ratio
+    "pissa": {"init_lora_weights": "pissa"},
+}
+LORAFIT_SWITCHES = ("compile", "frozen_bf16", "fused_optimizer", "group_by_length", *VARIANT_SWITCHES)
 # The baseline's one switch: the Trainer's own ``group_by_length`` (off by default, as a user who
 # keeps the Trainer's defaults has it), so a comparison can also show the baseline with padding
 # cut the way lorafit cuts it (``peft@bf16+group_by_length``).
@@ -52,8 +59,15 @@ class Side:
             if name not in SWITCHES[impl]:
                 raise LorafitError(f"--sides: {text!r}: unknown option {name!r} "
                                    f"({impl} options: {', '.join(SWITCHES[impl])})")
+            if name in VARIANT_SWITCHES and not on:
+                raise LorafitError(f"--sides: {text!r}: a variant is off unless turned on: write +{name}")
             options.append((name, on))
         return cls(impl, precision or None, tuple(options))
+
+    @property
+    def variant(self) -> str | None:
+        """The LoRA variant this side turns on (``dora``, ...), None for plain LoRA."""
+        return next((name for name, on in self.options if name in VARIANT_SWITCHES and on), None)
 
     @property
     def label(self) -> str:
@@ -113,6 +127,7 @@ def lorafit_config(work: Workload, side: Side, output_dir: str, **overrides: Any
         values["length_buckets"] = work.length_buckets
     if side.precision:
         values["precision"] = side.precision
-    values.update(dict(side.options))
+    for name, on in side.options:
+        values.update(VARIANT_SWITCHES.get(name, {name: on}))
     values.update(overrides)
     return make_config(**values)

@@ -6,6 +6,7 @@ JSONL file later (``lorafit bench --from``) is the table the run printed.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections import defaultdict
 from typing import Any
@@ -56,7 +57,8 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if values:
                 summary[f] = _stats(values)
         peak = peaks.get((task, model, device))
-        if mode == "train" and peak and rows[0]["impl"] == "lorafit":
+        # The FLOP count is plain LoRA's: a variant's extra work (DoRA's weight norm) is not in it.
+        if mode == "train" and peak and rows[0]["impl"] == "lorafit" and not Side.parse(side).variant:
             flops = peak["flops_per_token"]["lora"] * summary["tokens_per_second"]["median"]
             summary["achieved_gflops"] = flops / 1e9
             top = _peak_for(peak["peaks"], summary["precision"] or "fp32")
@@ -84,9 +86,14 @@ def _ratios(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for options in sorted(baselines, key=len):
                 best = max(baselines[options], key=lambda s: s["examples_per_second"]["median"])
                 for s in (s for s in rows if s["impl"] == "lorafit"):
-                    out.append({**base, "side": s["side"], "against": best["side"],
-                                "speedup": s["examples_per_second"]["median"] / best["examples_per_second"]["median"],
-                                "dev_metric_difference": s["dev_metric"]["median"] - best["dev_metric"]["median"]})
+                    out.append(_train_ratio(base, s, best))
+            # A LoRA variant's cost: against the lorafit side that differs from it only by the variant.
+            for s in (s for s in rows if s["impl"] == "lorafit" and Side.parse(s["side"]).variant):
+                side = Side.parse(s["side"])
+                plain = dataclasses.replace(side, options=tuple(o for o in side.options if o[0] != side.variant))
+                ref = next((r for r in rows if Side.parse(r["side"]) == plain), None)
+                if ref:
+                    out.append(_train_ratio(base, s, ref))
         elif mode == "infer":
             ref = next((s for s in rows if s["variant"] == "base"), None)
             for s in (s for s in rows if ref and s["variant"] != "base"):
@@ -104,6 +111,12 @@ def _ratios(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 out.append({**base, "side": "lora", "against": "full", "memory_ratio":
                             lora["peak_memory_gib"]["median"] / full["peak_memory_gib"]["median"]})
     return out
+
+
+def _train_ratio(base: dict[str, Any], side: dict[str, Any], against: dict[str, Any]) -> dict[str, Any]:
+    return {**base, "side": side["side"], "against": against["side"],
+            "speedup": side["examples_per_second"]["median"] / against["examples_per_second"]["median"],
+            "dev_metric_difference": side["dev_metric"]["median"] - against["dev_metric"]["median"]}
 
 
 def side_label(summary: dict[str, Any]) -> str:

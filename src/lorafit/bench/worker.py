@@ -34,6 +34,7 @@ def lorafit_train(work: Workload, side: Side) -> dict[str, Any]:
         "tokens": summary["tokens"],
         "train_seconds": summary["train_seconds"],
         "steps": summary["steps"],
+        "trainable_parameters": summary["trainable_parameters"],
         "examples_per_second": summary["examples_per_second"],
         "tokens_per_second": summary["tokens_per_second"],
         "peak_memory_gib": summary["peak_memory_gib"],
