@@ -343,7 +343,7 @@ def test_the_committed_reproduction_report_is_what_its_runs_give(tmp_path: Path,
 
 TUNED_STUDIES = {  # block name in docs/reproduction.md -> its study folders, in `lorafit report` order
     "converged": ["lr-lora", "lr-full", "lr-wide", "head", "seeds-lora", "seeds-full", "ablation"],
-    "variants": ["lr", "seeds"],
+    "variants": ["lr", "lr-wide", "seeds"],
 }
 
 

@@ -169,7 +169,7 @@ def test_shipped_grids_name_themselves_and_expand() -> None:
                             "minilm-conv-lr-wide",
                             "minilm-conv-seeds-full", "minilm-conv-seeds-lora", "minilm-cpu-head",
                             "minilm-cpu-main", "minilm-cpu-rank", "minilm-cpu-targets", "minilm-cpu-variants",
-                            "minilm-cpu-variants-lr", "minilm-main", "smoke"]
+                            "minilm-cpu-variants-lr", "minilm-cpu-variants-lr-wide", "minilm-main", "smoke"]
     for name in list_grids():
         path = grid_root() / f"{name}.yaml"
         first = path.read_text(encoding="utf-8").splitlines()[0]
@@ -228,6 +228,15 @@ def test_shipped_grids_name_themselves_and_expand() -> None:
     assert rates == {"lora-r8": {5e-4, 1e-3, 2e-3}, "lora-r8-use_rslora": {2e-4, 5e-4, 1e-3},
                      "lora-r8-use_dora": {5e-4, 1e-3, 2e-3}, "lora-r8-loraplus16": {2e-4, 5e-4, 1e-3},
                      "lora-r8-initpissa": {1e-4, 2e-4, 5e-4}, "full": {2e-5, 5e-5, 1e-4}}
+    # Its widened search: one rate beyond the edge where a variant's best rate lay, seed 0, on the
+    # search's settings; none of its cells repeats a rate of the first search.
+    wide = {c.name: c.config for c in expand(load_grid("minilm-cpu-variants-lr-wide"))}
+    assert wide["mrpc/lora-r8-lr0.004/seed0"].learning_rate == 4e-3
+    assert wide["mrpc/lora-r8-use_dora-lr0.00025/seed0"].use_dora and wide["mrpc/full-lr0.0002/seed0"].method == "full"
+    assert not set(wide) & {c.name for c in search}
+    first = next(c.config for c in search)
+    assert all((c.epochs, c.rank, c.seed, c.precision) == (first.epochs, first.rank, 0, first.precision)
+               for c in wide.values())
 
 
 def test_a_settings_axis_bundles_fields_and_may_pin_another_axis(tmp_path: Path) -> None:
