@@ -240,6 +240,26 @@ def test_the_variants_table_shows_what_each_variant_costs_in_speed(tmp_path: Pat
     assert "Ran on cpu: test CPU, 1 thread." in speed
 
 
+def test_the_variants_verdict_ranks_by_gap_to_full_fine_tuning_and_weighs_it_against_the_seeds(tmp_path: Path) -> None:
+    medians = {"FT": {"mrpc": 81, "cola": 41}, "LoRA": {"mrpc": 77, "cola": 37},
+               "DoRA": {"mrpc": 80, "cola": 38}, "PiSSA": {"mrpc": 70, "cola": 30}}
+    settings = {"FT": {"method": "full"}, "LoRA": {}, "DoRA": {"use_dora": True}, "PiSSA": {"init_lora_weights": "pissa"}}
+    for kind, per_task in medians.items():
+        for task, median in per_task.items():
+            for seed, offset in enumerate((-1, 0, 1)):  # every cell spreads ±1 over its 3 seeds
+                fake_run(tmp_path, task=task, seed=seed, value=(median + offset) / 100, **settings[kind])
+    md = make_report([tmp_path], tmp_path / "r").files["results.md"].read_text(encoding="utf-8")
+    verdict = md.split("**Which variant comes closest to full fine-tuning**", 1)[1].split("\n## ", 1)[0]
+    assert "(mean over MRPC, CoLA, the tasks every row ran" in verdict
+    # DoRA beats LoRA by 3 on MRPC (more than the two cells' spreads, 1 + 1) and by 1 on CoLA (less).
+    assert [line for line in verdict.splitlines() if line.startswith("- ")] == [
+        "- DoRA: −2.0 (MRPC −1.0, CoLA −3.0); against plain LoRA +2.0, beyond the seeds' spread on 1 of 2 tasks (MRPC)",
+        "- LoRA: −4.0 (MRPC −4.0, CoLA −4.0)",
+        ("- PiSSA: −11.0 (MRPC −11.0, CoLA −11.0); against plain LoRA −7.0, beyond the seeds' spread on 2 of 2 tasks "
+        "(MRPC, CoLA)")]
+    assert "no spread" not in verdict
+
+
 def test_the_variants_plot_needs_full_fine_tuning_and_is_no_rank_series(tmp_path: Path) -> None:
     for task in ("mrpc", "cola"):
         fake_run(tmp_path / "v", task=task, value=0.70)

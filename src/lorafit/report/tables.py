@@ -152,7 +152,47 @@ def render_sections(sections: list[Section]) -> list[str]:
         parts.append(markdown_table(section.rows, section.with_paper, section.shared_tasks_only))
         if section.with_speed:
             parts += ["", speed_table(section.rows)]
+            if verdict := variants_verdict(section.rows):
+                parts += ["", verdict]
     return parts
+
+
+def _signed(v: float) -> str:
+    return f"{v:+.1f}".replace("-", "−")
+
+
+def variants_verdict(rows: list[Row]) -> str | None:
+    """Which LoRA variant comes closest to full fine-tuning: each one's mean gap to it over the
+    tasks every row ran, closest first, and each one's difference from plain LoRA per task, set
+    against the seeds' spread (half ranges of the two cells added up): a difference inside it is
+    not told apart from noise."""
+    full = next((r for r in rows if r.method == "full"), None)
+    lora = [r for r in rows if r.method == "lora"]
+    plain = next((r for r in lora if r.kind == "LoRA"), None)
+    tasks = [t for t in task_order({t for r in rows for t in r.cells}) if all(t in r.cells for r in rows)]
+    if full is None or len(lora) < 2 or not tasks:
+        return None
+
+    def gap(row: Row) -> float:
+        return statistics.fmean(row.cells[t].median - full.cells[t].median for t in tasks)
+
+    seeds = min(len(r.cells[t].values) for r in rows for t in tasks)
+    lines = [(f"**Which variant comes closest to full fine-tuning** (mean over {', '.join(map(task_title, tasks))}, "
+             f"the tasks every row ran, of variant − FT in points; closest first):"), ""]
+    for row in sorted(lora, key=gap, reverse=True):
+        per_task = ", ".join(f"{task_title(t)} {_signed(row.cells[t].median - full.cells[t].median)}" for t in tasks)
+        line = f"- {_md(row.kind)}: {_signed(gap(row))} ({per_task})"
+        if plain is not None and row is not plain:
+            beyond = [t for t in tasks if abs(row.cells[t].median - plain.cells[t].median)
+                      > row.cells[t].spread + plain.cells[t].spread]
+            line += f"; against plain LoRA {_signed(gap(row) - gap(plain))}"
+            if seeds > 1:
+                line += (f", beyond the seeds' spread on {len(beyond)} of {len(tasks)} task"
+                         f"{'s' if len(tasks) > 1 else ''}" + (f" ({', '.join(map(task_title, beyond))})" if beyond else ""))
+        lines.append(line)
+    if seeds < 2:
+        lines += ["", "One seed per cell at the fewest: no spread to tell a difference from noise yet."]
+    return "\n".join(lines)
 
 
 def speed_table(rows: list[Row]) -> str:
