@@ -215,11 +215,11 @@ def test_shipped_grids_name_themselves_and_expand() -> None:
     # The variants study: 3 tasks x 6 variants (LoRA, rsLoRA, DoRA, LoRA+, PiSSA, full) x 3 seeds, each
     # variant at its own rate; its search: 3 tasks x (5 LoRA variants x 3 rates + 3 full rates), seed 0.
     variants = {c.name: c.config for c in expand(load_grid("minilm-cpu-variants"))}
-    assert len(variants) == 3 * 6 * 3
-    assert variants["cola/lora-r8-use_dora-lr0.0005/seed2"].use_dora
-    assert variants["stsb/lora-r8-loraplus16-lr0.0002/seed0"].loraplus_lr_ratio == 16
-    assert variants["mrpc/lora-r8-initpissa-lr0.0002/seed1"].init_lora_weights == "pissa"
-    assert variants["mrpc/full-lr5e-05/seed1"].method == "full"
+    assert {c.seed for c in variants.values()} == {1, 2} and len(variants) % (6 * 2) == 0
+    assert variants["mrpc/lora-r8-use_dora-lr0.0005/seed2"].use_dora
+    assert variants["mrpc/lora-r8-loraplus16-lr0.0002/seed1"].loraplus_lr_ratio == 16
+    assert variants["mrpc/lora-r8-initpissa-lr0.001/seed1"].init_lora_weights == "pissa"
+    assert variants["mrpc/full-lr0.0001/seed1"].method == "full"
     search = expand(load_grid("minilm-cpu-variants-lr"))
     assert len(search) == 3 * (5 * 3 + 3)
     rates: dict[str, set[float]] = {}
@@ -237,6 +237,33 @@ def test_shipped_grids_name_themselves_and_expand() -> None:
     first = next(c.config for c in search)
     assert all((c.epochs, c.rank, c.seed, c.precision) == (first.epochs, first.rank, 0, first.precision)
                for c in wide.values())
+
+
+def test_the_variants_seeds_run_at_the_rates_their_committed_search_chose() -> None:
+    # minilm-cpu-variants' rates are not picked by hand: each (task, variant) runs at the rate that
+    # `lorafit report --tune learning_rate` chooses from the committed search runs, and a choice at
+    # the edge of the first range has had its one step further (minilm-cpu-variants-lr-wide).
+    import dataclasses
+
+    from lorafit.report.rows import lora_kind
+    from lorafit.report.runs import find_runs, group_runs
+    from lorafit.report.tuning import tune_groups
+
+    root = Path(__file__).resolve().parents[1] / "docs" / "reproduction" / "runs" / "variants"
+    searches = [root / "lr"] + ([root / "lr-wide"] if (root / "lr-wide").is_dir() else [])
+
+    def kind(settings: dict) -> str:
+        return "FT" if settings.get("method") == "full" else lora_kind(settings)
+
+    choices = {(c.task, kind(c.group.settings)): c
+               for c in tune_groups(group_runs(find_runs(searches)), "learning_rate")}
+    cells = expand(load_grid("minilm-cpu-variants"))
+    assert cells
+    for cell in cells:
+        choice = choices[(cell.config.task, kind(dataclasses.asdict(cell.config)))]
+        assert cell.config.learning_rate == choice.chosen, cell.name
+        assert not choice.at_edge or len(choice.values) > 3, f"{cell.name}: search not widened at its edge"
+        assert choice.search_seed == 0 and cell.config.batch_size == choice.group.runs[0].config["batch_size"]
 
 
 def test_a_settings_axis_bundles_fields_and_may_pin_another_axis(tmp_path: Path) -> None:
