@@ -98,16 +98,32 @@ def test_gpu_choices_are_made_without_a_gpu():
     assert fastpath.resolve_device("cpu").type == "cpu"
 
 
-def test_shape_timer_counts_each_new_shape_once():
-    timer = fastpath.ShapeTimer(torch.device("cpu"), enabled=True)
-    for shape in [(16, 32), (16, 32), (16, 64)]:
-        timer.start(shape)
-        timer.stop()
-    assert timer.seen == {(16, 32), (16, 64)} and timer.seconds > 0
+def test_shape_timer_sets_each_shapes_warmup_steps_apart_from_the_steady_speed():
+    import time
+
+    from lorafit.progress import Progress
+
+    # Two warm-up steps a shape (CUDA graphs: compile, then record): of 5 steps over 2 shapes, 4 are
+    # warm-up; the steady speed is the one remaining step's examples over its own time.
+    assert fastpath.compile_warmup_steps("reduce-overhead") == 2 and fastpath.compile_warmup_steps("default") == 1
+    timer, progress = fastpath.ShapeTimer(torch.device("cpu"), enabled=True, warmup_steps=2), Progress()
+    started = time.perf_counter()
+    for shape, examples, pause in [((16, 32), 16, 0.02), ((16, 32), 16, 0.02), ((8, 64), 8, 0.02),
+                                   ((16, 32), 16, 0.01), ((8, 64), 8, 0.02)]:
+        timer.start(shape, progress)
+        time.sleep(pause)
+        progress.advance([np.arange(examples)], np.full(16, 10), epoch_done=False)
+        timer.stop(progress)
+    progress.train_seconds = time.perf_counter() - started
+    assert timer.seen == {(16, 32): 2, (8, 64): 2} and timer.steps == 4
+    assert (timer.examples, timer.tokens) == (48, 480) and progress.examples == 64
+    steady = timer.steady_speed(progress)
+    assert steady["examples_per_second"] == pytest.approx(16 / (progress.train_seconds - timer.seconds), rel=1e-3)
+    assert steady["examples_per_second"] > 16 / progress.train_seconds  # the warm-up's time is left out
     off = fastpath.ShapeTimer(torch.device("cpu"), enabled=False)
-    off.start((1,))
-    off.stop()
-    assert off.seconds == 0 and not off.seen
+    off.start((1,), progress)
+    off.stop(progress)
+    assert off.seconds == 0 and not off.seen and off.steady_speed(progress) == {}
 
 
 def test_speed_flags_are_validated():
@@ -170,4 +186,6 @@ def test_compiled_run_pads_to_buckets_and_reports_compile_time(tmp_path):
                                 output_dir=str(tmp_path / "run")))
     assert summary["speed"]["compile"] is True and summary["speed"]["length_buckets"] == [48]
     assert 0 < summary["compile_seconds"] <= summary["train_seconds"]
+    # Its speed is the compiled step's (the second of max_steps 2), not diluted by the compiling one.
+    assert summary["examples_per_second"] > summary["examples"] / summary["train_seconds"]
     assert summary["best_metric"] is not None

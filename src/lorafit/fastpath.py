@@ -16,6 +16,7 @@ Each is a ``TrainConfig`` field, so ``lorafit bench`` can switch it and measure 
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -106,6 +107,11 @@ def compile_mode(mode: str, device: torch.device) -> str:
     return "reduce-overhead" if device.type == "cuda" else "default"
 
 
+def compile_warmup_steps(mode: str) -> int:
+    """Steps of each new shape before the compiled step runs at its steady speed (see ShapeTimer)."""
+    return 2 if mode == "reduce-overhead" else 1
+
+
 def compile_model(model: nn.Module, mode: str, num_shapes: int) -> nn.Module:
     """``torch.compile`` with static shapes, allowed to specialise once per bucketed shape."""
     import torch._dynamo
@@ -126,27 +132,46 @@ def adamw_kwargs(fused: bool, params: list[torch.Tensor]) -> dict[str, Any]:
 
 
 class ShapeTimer:
-    """Time spent on steps that met a new batch shape: with ``--compile``, mostly compilation."""
+    """Time spent on steps that met a new batch shape: with ``--compile``, mostly compilation.
 
-    def __init__(self, device: torch.device, enabled: bool) -> None:
-        self.device, self.enabled = device, enabled
-        self.seen: set[Any] = set()
+    The first ``warmup_steps`` steps of each shape are counted apart: the first compiles, and with
+    CUDA graphs (``reduce-overhead``) the second records the graph, which only the third replays.
+    The steps after them give the run's steady speed (``steady_speed``).
+    """
+
+    def __init__(self, device: torch.device, enabled: bool, warmup_steps: int = 1) -> None:
+        self.device, self.enabled, self.warmup_steps = device, enabled, warmup_steps
+        self.seen: collections.Counter[Any] = collections.Counter()
         self.seconds = 0.0
-        self._start: float | None = None
+        self.steps = self.examples = self.tokens = 0
+        self._start: tuple[float, int, int] | None = None
 
-    def start(self, shape: Any) -> None:
-        if self.enabled and shape not in self.seen:
-            self.seen.add(shape)
+    def start(self, shape: Any, progress: Any) -> None:
+        if self.enabled and self.seen[shape] < self.warmup_steps:
+            self.seen[shape] += 1
             if self.device.type == "cuda":  # the host must not run ahead of the timed step
                 torch.cuda.synchronize(self.device)
-            self._start = time.perf_counter()
+            self._start = (time.perf_counter(), progress.examples, progress.tokens)
 
-    def stop(self) -> None:
+    def stop(self, progress: Any) -> None:
+        """After ``progress`` has counted the step."""
         if self._start is not None:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.seconds += time.perf_counter() - self._start
+            started, examples, tokens = self._start
+            self.seconds += time.perf_counter() - started
+            self.steps += 1
+            self.examples += progress.examples - examples
+            self.tokens += progress.tokens - tokens
             self._start = None
+
+    def steady_speed(self, progress: Any) -> dict[str, float]:
+        """examples/s and tokens/s over the steps that compiled nothing (none: over all of them)."""
+        seconds = progress.train_seconds - self.seconds
+        if not self.steps or progress.examples == self.examples or seconds <= 0:
+            return {}
+        return {"examples_per_second": round((progress.examples - self.examples) / seconds, 2),
+                "tokens_per_second": round((progress.tokens - self.tokens) / seconds, 1)}
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -140,8 +140,7 @@ def load_model(
     if label_names:
         kwargs["id2label"] = dict(enumerate(label_names))
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
-    if num_labels == 1:
-        kwargs["problem_type"] = "regression"
+    kwargs["problem_type"] = problem_type(num_labels)
     if dtype is not None:
         kwargs["dtype"] = dtype
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
@@ -161,11 +160,17 @@ def load_model(
     return model, new_modules
 
 
+def problem_type(num_labels: int) -> str:
+    """The loss the model's forward computes from its labels, set up front: Transformers would set it
+    on the first forward, and a compiled forward that saw it unset recompiles on the second."""
+    return "regression" if num_labels == 1 else "single_label_classification"
+
+
 def _random_model(config: str, num_labels: int, label_names: list[str] | None) -> tuple[nn.Module, list[str]]:
     """A shipped architecture with random weights; every module counts as new (nothing was loaded)."""
     from lorafit.lora.config import DEFAULT_HEAD_MODULES
 
-    overrides: dict[str, Any] = {"problem_type": "regression"} if num_labels == 1 else {}
+    overrides: dict[str, Any] = {"problem_type": problem_type(num_labels)}
     if label_names:
         overrides.update(id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)})
     model = build_from_config(config, num_labels=num_labels, device="cpu", **overrides)

@@ -117,11 +117,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     state = _Session(cfg, run, accelerator, model, optimizer, scheduler, task, tokenizer, pad_id, evals, progress)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Only the training step is compiled; evaluation and saving use the plain module.
-    step_model = model
+    step_model, mode = model, fastpath.compile_mode(cfg.compile_mode, accelerator.device)
     if cfg.compile:
-        step_model = fastpath.compile_model(model, fastpath.compile_mode(cfg.compile_mode, accelerator.device),
-                                            2 * len(buckets or ()))
-    shapes = fastpath.ShapeTimer(accelerator.device, enabled=cfg.compile)
+        step_model = fastpath.compile_model(model, mode, 2 * len(buckets or ()))
+    shapes = fastpath.ShapeTimer(accelerator.device, cfg.compile, fastpath.compile_warmup_steps(mode))
 
     bar = _progress_bar(cfg, total_steps, progress.step, accelerator)
     model.train()
@@ -133,7 +132,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for start in range(progress.batch_in_epoch, len(order), cfg.grad_accum):
             group = order[start : start + cfg.grad_accum]
             shapes.start(tuple((len(g), fastpath.padded_width(int(train_data.lengths[g].max()), buckets))
-                               for g in group))
+                               for g in group), progress)
             loss = _accumulate(step_model, accelerator, train_data, group, pad_id, buckets)
             guard.watch(loss)
             running_loss += loss
@@ -142,8 +141,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            shapes.stop()
             progress.advance(group, train_data.lengths, epoch_done=start + len(group) >= len(order))
+            shapes.stop(progress)
             if progress.step % cfg.log_steps == 0 or progress.step == total_steps:
                 values = _log(bar, running_loss, progress, scheduler, started, cfg.log_steps, run, accelerator)
                 accelerator.log(values, step=progress.step)
@@ -169,6 +168,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         tracker.finish()
     progress.train_seconds = time.perf_counter() - started
     summary = build_summary(cfg, task, counts, progress, accelerator.device, accelerator.num_processes)
+    # A compiled run's speed is that of its compiled steps; the compiling ones are compile_seconds.
+    summary.update(shapes.steady_speed(progress))
     summary.update(precision=precision, compile_seconds=round(shapes.seconds, 2), speed={
         "frozen_bf16": frozen_bf16, "compile": cfg.compile, "length_buckets": list(buckets) if buckets else None,
         "fused_optimizer": cfg.fused_optimizer,
