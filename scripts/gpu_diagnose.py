@@ -66,7 +66,9 @@ def host_syncs(step, batches: list[np.ndarray], device: torch.device) -> list[st
             sync(device)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    places = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    # Named from site-packages on, as in a traceback but without the machine's own prefix.
+    places = collections.Counter(f"{w.filename.rsplit('site-packages/', 1)[-1]}:{w.lineno}"
+                                 for w in caught if "synchroniz" in str(w.message))
     return [f"{n / len(batches):.1f} per step  {place}" for place, n in places.most_common(12)] or ["none"]
 
 
