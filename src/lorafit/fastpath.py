@@ -19,12 +19,15 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lorafit.errors import LorafitError
+
+if TYPE_CHECKING:
+    from lorafit.progress import Progress
 
 # Lengths a batch is padded up to when compiling: few shapes, little padding for GLUE's lengths.
 DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -146,14 +149,14 @@ class ShapeTimer:
         self.steps = self.examples = self.tokens = 0
         self._start: tuple[float, int, int] | None = None
 
-    def start(self, shape: Any, progress: Any) -> None:
+    def start(self, shape: Any, progress: Progress) -> None:
         if self.enabled and self.seen[shape] < self.warmup_steps:
             self.seen[shape] += 1
             if self.device.type == "cuda":  # the host must not run ahead of the timed step
                 torch.cuda.synchronize(self.device)
             self._start = (time.perf_counter(), progress.examples, progress.tokens)
 
-    def stop(self, progress: Any) -> None:
+    def stop(self, progress: Progress) -> None:
         """After ``progress`` has counted the step."""
         if self._start is not None:
             if self.device.type == "cuda":
@@ -165,7 +168,7 @@ class ShapeTimer:
             self.tokens += progress.tokens - tokens
             self._start = None
 
-    def steady_speed(self, progress: Any) -> dict[str, float]:
+    def steady_speed(self, progress: Progress) -> dict[str, float]:
         """examples/s and tokens/s over the steps that compiled nothing (none: over all of them)."""
         seconds = progress.train_seconds - self.seconds
         if not self.steps or progress.examples == self.examples or seconds <= 0:
