@@ -4,7 +4,8 @@
 # Prepare here (CPU machine, once):  PYTHONPATH=src python -m lorafit.bench.carry .gpu_carry/minilm-fp16
 # Run there, from the repository root, carrying .gpu_carry:  bash scripts/gpu_check.sh
 # There: torch 2.11 / transformers 5.17 / peft 0.21, no pip, no network; src is put on PYTHONPATH and
-# the embedded model comes from the carried fp16 copy. JSON lines and logs go to $OUT (default out/gpu).
+# the embedded model comes from the carried fp16 copy. JSON lines and logs go to $OUT (default out/gpu),
+# and all of them, packed, to $OUT/gpu_check.tgz (a GPU session may bring back only a few files).
 # Each step has its own time limit, so one that hangs or fails does not cost the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,8 @@ OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export LORAFIT_EMBEDDED_MODEL="${LORAFIT_EMBEDDED_MODEL:-$PWD/.gpu_carry/minilm-fp16}"
-export TORCHINDUCTOR_CACHE_DIR="$OUT/.inductor"  # compile once per step, not per process
+# Compile once per step, not per process; outside $OUT, which should hold results only.
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$(mktemp -d)}"
 BENCH="python -m lorafit.cli bench"
 start=$SECONDS
 
@@ -56,4 +58,6 @@ for f in "$OUT"/roberta_b16_pad128.jsonl "$OUT"/roberta_b64_dynamic.jsonl; do
 done
 [ ${#files[@]} -gt 0 ] && python -m lorafit.cli bench "${files[@]}" --plot "$OUT/gpu_examples_per_s.png" >"$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
+pack=$(mktemp)  # outside $OUT: tar must not read the file it writes
+tar czf "$pack" -C "$OUT" --exclude=gpu_check.tgz . && mv "$pack" "$OUT/gpu_check.tgz"
 echo "done in $((SECONDS - start))s"
