@@ -125,8 +125,8 @@ def main() -> None:
         accelerator = make_accelerator("bf16", device)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         model.train()
-        step_model = fastpath.compile_model(model, "reduce-overhead" if device.type == "cuda" else "default", 2) \
-            if compiled else model
+        # lorafit's own choice of mode (``--compile-mode auto``): CUDA graphs on a GPU.
+        step_model = fastpath.compile_model(model, fastpath.compile_mode("auto", device), 2) if compiled else model
         trainable = [q for q in model.parameters() if q.requires_grad]
 
         def step(batch: np.ndarray) -> None:
