@@ -122,3 +122,23 @@ def test_a_bench_stopped_midway_keeps_what_it_measured(tmp_path, monkeypatch):
     kept = _records(out)
     assert [r["side"] for r in kept if r["kind"] == "measurement"] == ["lorafit@fp32"]
     assert any(r["kind"] == "summary" and r["side"] == "lorafit@fp32" for r in kept)
+
+
+def test_a_failed_peak_measurement_costs_the_percent_of_peak_only(tmp_path, monkeypatch, capsys):
+    from lorafit.bench import runner
+
+    real = runner.run_worker
+
+    def peak_dies(spec, threads):
+        if spec["mode"] == "peak":
+            raise RuntimeError("bench worker failed (peak lorafit):\nRuntimeError: CUDA graph capture failed")
+        return real(spec, threads)
+
+    monkeypatch.setattr(runner, "run_worker", peak_dies)
+    out = tmp_path / "bench.jsonl"
+    assert main(["bench", "train", *TINY, "--sides", "lorafit@fp32", "--output", str(out)]) == 0
+    assert "no % of peak: RuntimeError: CUDA graph capture failed" in capsys.readouterr().out
+    kept = _records(out)
+    assert not any(r["kind"] == "peak" for r in kept)
+    (summary,) = [r for r in kept if r["kind"] == "summary"]
+    assert summary["examples_per_second"]["median"] > 0 and "percent_of_peak" not in summary

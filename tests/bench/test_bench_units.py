@@ -104,6 +104,30 @@ def test_summary_takes_medians_and_the_ratio_against_the_best_baseline():
     assert "\nlorafit (fp32) " in table and "\npeft@bf16 " in table
 
 
+def _at(record, **settings):
+    return {**record, "settings": {**record["settings"], **settings}}
+
+
+def test_workloads_read_together_are_summarised_and_compared_apart():
+    # Two runs at different batch sizes (e.g. `--from b16.jsonl --from b64.jsonl`): never pooled;
+    # rounds of one workload that differ only by seed (--vary-seed) are.
+    b16 = [_at(_measurement("lorafit", "lorafit", 100.0, 0.80, 0), batch_size=16, seed=0),
+           _at(_measurement("lorafit", "lorafit", 120.0, 0.82, 1), batch_size=16, seed=1),
+           _at(_measurement("peft@fp32", "peft", 50.0, 0.80, 0), batch_size=16, seed=0)]
+    b64 = [_at(_measurement("lorafit", "lorafit", 400.0, 0.79, 0), batch_size=64, seed=0),
+           _at(_measurement("peft@fp32", "peft", 100.0, 0.80, 0), batch_size=64, seed=0)]
+    out = summarize(b16 + b64)
+    lorafit = sorted(r["examples_per_second"]["median"] for r in out if r["kind"] == "summary" and r["side"] == "lorafit")
+    assert lorafit == [110.0, 400.0]
+    assert sorted(r["speedup"] for r in out if r["kind"] == "ratio") == [pytest.approx(2.2), pytest.approx(4.0)]
+    table = format_table(b16 + b64).splitlines()
+    assert table[0].startswith("mrpc minilm cpu (batch_size 16): lorafit (fp32) = 2.20x peft@fp32")
+    assert table[1].startswith("mrpc minilm cpu (batch_size 64): lorafit (fp32) = 4.00x peft@fp32")
+    assert "mrpc minilm cpu (batch_size 64):" in table
+    # One workload alone is named without its settings, as before.
+    assert format_table(b16).splitlines()[0].startswith("mrpc minilm cpu: lorafit (fp32) = 2.20x")
+
+
 def test_a_switched_baseline_is_a_second_comparison_not_the_best_of_one():
     records = [_measurement("lorafit", "lorafit", 100.0, 0.80, 0), _measurement("peft@bf16", "peft", 40.0, 0.78, 0, "bf16"),
                _measurement("peft@bf16+group_by_length", "peft", 90.0, 0.79, 0, "bf16"),

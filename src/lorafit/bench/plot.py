@@ -16,7 +16,7 @@ def plot_throughput(records: list[dict[str, Any]], path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot state
     from matplotlib.figure import Figure
 
-    from lorafit.bench.summary import side_label, summarize
+    from lorafit.bench.summary import side_label, summarize, where_labels, workload_key
     from lorafit.errors import LorafitError
     from lorafit.io import atomic_write_bytes
 
@@ -24,12 +24,13 @@ def plot_throughput(records: list[dict[str, Any]], path: str | Path) -> Path:
             if r["kind"] == "summary" and r["mode"] == "train"]
     if not rows:
         raise LorafitError("--plot: the records hold no training measurements (run `lorafit bench train`)")
-    panels = sorted({(r["task"], r["model"], r["device"]) for r in rows})
+    panels = sorted({workload_key(r["settings"]) for r in rows})
+    wheres = where_labels([r["settings"] for r in rows])
     fig = Figure(figsize=(6.0 * len(panels), 3.8), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (task, model, device) in zip(axes, panels, strict=True):
-        mine = [r for r in rows if (r["task"], r["model"], r["device"]) == (task, model, device)]
+    for ax, key in zip(axes, panels, strict=True):
+        mine = [r for r in rows if workload_key(r["settings"]) == key]
         mine.sort(key=lambda r: (r["impl"] != "peft", r["examples_per_second"]["median"]))
         medians = [r["examples_per_second"]["median"] for r in mine]
         errors = [[m - r["examples_per_second"]["min"] for m, r in zip(medians, mine, strict=True)],
@@ -43,8 +44,10 @@ def plot_throughput(records: list[dict[str, Any]], path: str | Path) -> Path:
         ax.set_xlabel("training examples/s (median, min-max)")
         env = mine[0]["environment"]
         # The CPU is part of every figure: the same code runs 3x faster on one of these machines.
-        ax.set_title(f"{task}, {model.split('/')[-1]}, {device}, {env['threads']} threads\n{env.get('cpu', '')}",
-                     fontsize=9)
+        where = wheres[key].replace(key[1], key[1].split("/")[-1], 1).replace(" (", f", {env['threads']} threads\n(", 1)
+        if "threads" not in where:
+            where += f", {env['threads']} threads"
+        ax.set_title(f"{where}\n{env.get('cpu', '')}", fontsize=8)
     path = Path(path)
     import io
 

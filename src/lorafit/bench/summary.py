@@ -7,6 +7,7 @@ JSONL file later (``lorafit bench --from``) is the table the run printed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import statistics
 from collections import defaultdict
 from typing import Any
@@ -19,9 +20,39 @@ INFER_FIELDS = ("latency_ms_b1", "latency_p90_ms_b1", "latency_ms_b32", "latency
                 "examples_per_second_b32", "paired_overhead_b1", "paired_overhead_b32")
 
 
-def _key(record: dict[str, Any]) -> tuple[str, str, str]:
-    s = record["settings"]
-    return s["task"], s["model"], s["device"]
+# Settings a round may change within one workload (``--vary-seed``); all others define the workload.
+ROUND_SETTINGS = ("seed",)
+
+
+def workload_key(settings: dict[str, Any]) -> tuple[str, str, str, str]:
+    """Task, model, device and the rest of the workload's settings (canonical JSON): records are
+    summarised and compared only within one workload, so that files of runs at different batch
+    sizes or lengths read together (``--from A --from B``) are never pooled."""
+    rest = {k: v for k, v in settings.items() if k not in ("task", "model", "device", *ROUND_SETTINGS)}
+    return settings["task"], settings["model"], settings["device"], json.dumps(rest, sort_keys=True)
+
+
+def _key(record: dict[str, Any]) -> tuple[str, str, str, str]:
+    return workload_key(record["settings"])
+
+
+def where_labels(settings: list[dict[str, Any]]) -> dict[tuple, str]:
+    """A readable name for each workload: ``task model device``, followed by the settings that
+    tell it apart from other workloads of the same task, model and device, if there are any."""
+    keys = {workload_key(s): s for s in settings}
+    labels = {}
+    for key, s in keys.items():
+        peers = [t for k, t in keys.items() if k[:3] == key[:3]]
+        differ = sorted({f for t in peers for f in t if f not in ROUND_SETTINGS and t.get(f) != s.get(f)})
+        label = f"{s['task']} {s['model']} {s['device']}"
+        if differ:
+            label += " (" + ", ".join(f"{f} {_value(s.get(f))}" for f in differ) + ")"
+        labels[key] = label
+    return labels
+
+
+def _value(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -46,7 +77,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif r.get("kind") == "peak":
             peaks[_key(r)] = r
     out = []
-    for (task, model, device, mode, side, variant), rows in groups.items():
+    for (task, model, device, _, mode, side, variant), rows in groups.items():
         fields = TRAIN_FIELDS if mode == "train" else INFER_FIELDS if mode == "infer" else ("peak_memory_gib",)
         summary: dict[str, Any] = {"kind": "summary", "mode": mode, "task": task, "model": model, "device": device,
                                    "side": side, "impl": rows[0]["impl"], "variant": variant,
@@ -56,7 +87,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [r[f] for r in rows if r.get(f) is not None]
             if values:
                 summary[f] = _stats(values)
-        peak = peaks.get((task, model, device))
+        peak = peaks.get(_key(rows[0]))
         # The FLOP count is plain LoRA's: a variant's extra work (DoRA's weight norm) is not in it.
         if mode == "train" and peak and rows[0]["impl"] == "lorafit" and not Side.parse(side).variant:
             flops = peak["flops_per_token"]["lora"] * summary["tokens_per_second"]["median"]
@@ -72,9 +103,10 @@ def _ratios(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     by_key: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for s in summaries:
-        by_key[(s["task"], s["model"], s["device"], s["mode"])].append(s)
-    for (task, model, device, mode), rows in by_key.items():
-        base = {"kind": "ratio", "mode": mode, "task": task, "model": model, "device": device}
+        by_key[(*workload_key(s["settings"]), s["mode"])].append(s)
+    for (task, model, device, _, mode), rows in by_key.items():
+        base = {"kind": "ratio", "mode": mode, "task": task, "model": model, "device": device,
+                "settings": rows[0]["settings"]}
         if mode == "train":
             # The comparison that counts is against the Trainer as a user gets it (no switch on), at
             # its best precision; a baseline with a switch on (its own length grouping) is a second
@@ -138,12 +170,14 @@ def format_table(records: list[dict[str, Any]]) -> str:
     """The readable table: ratios first, then each side's medians (± half the min-max spread)."""
     summaries = summarize([r for r in records if r.get("kind") in ("measurement", "peak")])
     lines: list[str] = []
-    labels = {(r["task"], r["model"], r["device"], r["side"]): side_label(r)
+    wheres = where_labels([r["settings"] for r in summaries])
+    labels = {(*workload_key(r["settings"]), r["side"]): side_label(r)
               for r in summaries if r["kind"] == "summary" and r["mode"] == "train"}
     for r in (r for r in summaries if r["kind"] == "ratio"):
-        where = f"{r['task']} {r['model']} {r['device']}"
+        key = workload_key(r["settings"])
+        where = wheres[key]
         if r["mode"] == "train":
-            side, against = (labels.get((r["task"], r["model"], r["device"], s), s) for s in (r["side"], r["against"]))
+            side, against = (labels.get((*key, s), s) for s in (r["side"], r["against"]))
             lines.append(f"{where}: {side} = {r['speedup']:.2f}x {against} (examples/s, medians); "
                          f"dev metric {100 * r['dev_metric_difference']:+.2f} pt")
         elif r["mode"] == "infer":
@@ -156,10 +190,23 @@ def format_table(records: list[dict[str, Any]]) -> str:
         else:
             lines.append(f"{where}: LoRA peak memory = {r['memory_ratio']:.2f}x full fine-tuning")
     rows = [r for r in summaries if r["kind"] == "summary"]
+
+    def grouped(mode: str) -> list[dict[str, Any]]:
+        """The rows of ``mode``, each workload's under its own heading when there are several."""
+        mine = [r for r in rows if r["mode"] == mode]
+        keys = list(dict.fromkeys(workload_key(r["settings"]) for r in mine))
+        if len(keys) == 1:
+            return mine
+        return [item for k in keys for item in
+                [{"heading": wheres[k]}, *(r for r in mine if workload_key(r["settings"]) == k)]]
+
     if any(r["mode"] == "train" for r in rows):
         lines += ["", (f"{'side':<28} {'examples/s':>14} {'tokens/s':>14} {'dev metric':>11} {'peak GiB':>9} "
                        f"{'GFLOP/s':>8} {'% peak':>7} {'compile s':>9}")]
-        for r in (r for r in rows if r["mode"] == "train"):
+        for r in grouped("train"):
+            if "heading" in r:
+                lines.append(f"{r['heading']}:")
+                continue
             pct = f"{r['percent_of_peak']:.0f}%" if r.get("percent_of_peak") is not None else "-"
             gf = f"{r['achieved_gflops']:.0f}" if r.get("achieved_gflops") else "-"
             lines.append(f"{side_label(r):<28} {_cell(r['examples_per_second']):>14} {_cell(r['tokens_per_second'], '{:.0f}'):>14} "
@@ -167,17 +214,22 @@ def format_table(records: list[dict[str, Any]]) -> str:
                          f"{gf:>8} {pct:>7} {_cell(r.get('compile_seconds'), '{:.1f}'):>9}")
     if any(r["mode"] == "infer" for r in rows):
         lines += ["", f"{'model':<12} {'b1 ms':>10} {'b1 p90':>8} {'b32 ms':>10} {'b32 p90':>8} {'b32 ex/s':>9}"]
-        for r in (r for r in rows if r["mode"] == "infer"):
+        for r in grouped("infer"):
+            if "heading" in r:
+                lines.append(f"{r['heading']}:")
+                continue
             lines.append(f"{r['variant']:<12} {_cell(r['latency_ms_b1'], '{:.2f}'):>10} "
                          f"{r['latency_p90_ms_b1']['median']:>8.2f} {_cell(r['latency_ms_b32']):>10} "
                          f"{r['latency_p90_ms_b32']['median']:>8.1f} {r['examples_per_second_b32']['median']:>9.0f}")
     if any(r["mode"] == "memory" for r in rows):
         lines += ["", f"{'method':<8} {'peak GiB':>10}"]
-        lines += [f"{r['variant']:<8} {_cell(r['peak_memory_gib'], '{:.3f}'):>10}" for r in rows if r["mode"] == "memory"]
+        for r in grouped("memory"):
+            lines.append(f"{r['heading']}:" if "heading" in r else f"{r['variant']:<8} {_cell(r['peak_memory_gib'], '{:.3f}'):>10}")
     peaks = [r for r in records if r.get("kind") == "peak"]
     for p in peaks:
-        lines += ["", "matmul peak (GFLOP/s): " + ", ".join(f"{q['dtype']} {q['shape']} {q['gflops']:.0f}"
-                                                             for q in p["peaks"])]
+        at = f" ({wheres[_key(p)]})" if len(peaks) > 1 and _key(p) in wheres else ""
+        lines += ["", f"matmul peak (GFLOP/s){at}: " + ", ".join(f"{q['dtype']} {q['shape']} {q['gflops']:.0f}"
+                                                                 for q in p["peaks"])]
     env = next((r["environment"] for r in rows), None)
     if env:
         flags = ",".join(k for k, v in env["cpu_flags"].items() if v) or "none"
