@@ -16,7 +16,7 @@ def plot_throughput(records: list[dict[str, Any]], path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot state
     from matplotlib.figure import Figure
 
-    from lorafit.bench.summary import side_label, summarize, where_labels, workload_key
+    from lorafit.bench.summary import side_label, summarize, workload_details, workload_key
     from lorafit.errors import LorafitError
     from lorafit.io import atomic_write_bytes
 
@@ -25,7 +25,7 @@ def plot_throughput(records: list[dict[str, Any]], path: str | Path) -> Path:
     if not rows:
         raise LorafitError("--plot: the records hold no training measurements (run `lorafit bench train`)")
     panels = sorted({workload_key(r["settings"]) for r in rows})
-    wheres = where_labels([r["settings"] for r in rows])
+    details = workload_details([r["settings"] for r in rows])
     fig = Figure(figsize=(6.0 * len(panels), 3.8), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -44,10 +44,10 @@ def plot_throughput(records: list[dict[str, Any]], path: str | Path) -> Path:
         ax.set_xlabel("training examples/s (median, min-max)")
         env = mine[0]["environment"]
         # The CPU is part of every figure: the same code runs 3x faster on one of these machines.
-        where = wheres[key].replace(key[1], key[1].split("/")[-1], 1).replace(" (", f", {env['threads']} threads\n(", 1)
-        if "threads" not in where:
-            where += f", {env['threads']} threads"
-        ax.set_title(f"{where}\n{env.get('cpu', '')}", fontsize=8)
+        task, model, device, _ = key
+        title = f"{task}, {model.split('/')[-1]}, {device}, {env['threads']} threads"
+        title += f"\n({details[key]})" if details[key] else ""
+        ax.set_title(f"{title}\n{env.get('cpu', '')}", fontsize=8)
     path = Path(path)
     import io
 

@@ -36,19 +36,21 @@ def _key(record: dict[str, Any]) -> tuple[str, str, str, str]:
     return workload_key(record["settings"])
 
 
-def where_labels(settings: list[dict[str, Any]]) -> dict[tuple, str]:
-    """A readable name for each workload: ``task model device``, followed by the settings that
-    tell it apart from other workloads of the same task, model and device, if there are any."""
+def workload_details(settings: list[dict[str, Any]]) -> dict[tuple, str]:
+    """For each workload, the settings that tell it apart from the other workloads of the same
+    task, model and device (``"batch_size 64, max_length 64"``), or ``""`` when it is the only one."""
     keys = {workload_key(s): s for s in settings}
-    labels = {}
+    details = {}
     for key, s in keys.items():
         peers = [t for k, t in keys.items() if k[:3] == key[:3]]
         differ = sorted({f for t in peers for f in t if f not in ROUND_SETTINGS and t.get(f) != s.get(f)})
-        label = f"{s['task']} {s['model']} {s['device']}"
-        if differ:
-            label += " (" + ", ".join(f"{f} {_value(s.get(f))}" for f in differ) + ")"
-        labels[key] = label
-    return labels
+        details[key] = ", ".join(f"{f} {_value(s.get(f))}" for f in differ)
+    return details
+
+
+def where_labels(settings: list[dict[str, Any]]) -> dict[tuple, str]:
+    """A readable name for each workload: ``task model device``, and its details if it has any."""
+    return {k: " ".join(k[:3]) + (f" ({d})" if d else "") for k, d in workload_details(settings).items()}
 
 
 def _value(v: Any) -> str:
