@@ -64,6 +64,60 @@ def test_frozen_bf16_base_gives_the_autocast_products_exactly():
     assert model.bert.embeddings.word_embeddings.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("p", [0.1, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_dropout_drops_p_of_the_elements_unbiased(p, dtype):
+    torch.manual_seed(0)
+    y = fastpath.fast_dropout(torch.ones(400_003, dtype=dtype), p)  # not a multiple of 4
+    dropped = (y == 0).float()
+    # 400,003 Bernoulli(p) draws: 5 standard deviations are under 0.004.
+    assert dropped.mean().item() == pytest.approx(p, abs=0.004)
+    # Every word of a draw decides its own element, the top (15-bit) one as often as the others.
+    for column in dropped[:400_000].view(-1, 4).mean(0):
+        assert column.item() == pytest.approx(p, abs=0.008)
+    keep = 1 - round(p * 32768) / 32768
+    zero, scale = y.unique().tolist()
+    assert zero == 0.0 and scale == pytest.approx(1 / keep, rel=1e-2 if dtype == torch.bfloat16 else 1e-6)
+    assert y.dtype == dtype and y.float().mean().item() == pytest.approx(1.0, abs=0.01)
+
+
+def test_fast_dropout_draws_from_the_default_generator_and_backpropagates_through_its_mask():
+    x = torch.randn(6, 7, requires_grad=True)
+    torch.manual_seed(3)
+    a = fastpath.fast_dropout(x, 0.5)
+    b = fastpath.fast_dropout(x, 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(fastpath.fast_dropout(x, 0.5), a)  # a seed repeats it (and a resume restores it)
+    assert not torch.equal(a, b)  # the generator moves on
+    a.sum().backward()
+    assert torch.equal(x.grad, torch.where(a != 0, torch.full_like(x, 2.0), 0.0))
+    assert torch.equal(fastpath.fast_dropout(x, 1.0), torch.zeros_like(x))
+
+
+def test_use_fast_dropout_swaps_every_dropout_and_changes_nothing_in_eval():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=37, vocab_size=99))
+    inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.1, target_modules=["query", "value"]).resolved("bert"))
+    before = {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    ids = torch.randint(0, 99, (3, 11))
+    model.eval()
+    expected = model(input_ids=ids).logits
+    assert fastpath.use_fast_dropout(model) == len(before)
+    after = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+    assert {n: m.p for n, m in after.items()} == before  # the same places, the same p (SDPA reads .p)
+    assert all(type(m) is fastpath.FastDropout for m in after.values())
+    assert "bert.encoder.layer.0.attention.self.query.lora_dropout" in after
+    assert torch.equal(model(input_ids=ids).logits, expected)
+    model.train()
+    torch.manual_seed(1)
+    first = model(input_ids=ids).logits
+    torch.manual_seed(1)
+    assert torch.equal(model(input_ids=ids).logits, first)
+
+
 def test_length_buckets_bound_the_batch_shapes():
     assert fastpath.bucket_lengths(None, 128, compile=False) is None
     assert fastpath.bucket_lengths(None, 100, compile=True) == (16, 32, 48, 64, 96, 100)
@@ -173,6 +227,7 @@ def test_bf16_lora_run_keeps_the_adapter_fp32_and_records_its_speed_settings(tmp
     summary = train(make_config(**SMALL, precision="bf16", output_dir=str(tmp_path / "run")))
     assert summary["precision"] == "bf16" and summary["compile_seconds"] == 0
     assert summary["speed"]["frozen_bf16"] is True and summary["speed"]["fused_optimizer"] is True
+    assert summary["speed"]["fast_dropout"] is False
     assert summary["examples"] == 16 and summary["tokens"] > 16
     weights = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
     assert {v.dtype for v in weights.values()} == {torch.float32}

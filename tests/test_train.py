@@ -82,8 +82,9 @@ def test_lora_b_and_head_move_while_base_stays(tmp_path, tiny_run):
     assert not torch.equal(base.classifier.weight, reference["classifier.weight"])
 
 
-def test_resume_after_interruption_is_bit_identical(tmp_path, tiny_run, interrupt_after):
-    common = {"max_steps": 12, "eval_steps": 6, "save_steps": 4, "lora_dropout": 0.1}
+@pytest.mark.parametrize("fast_dropout", [False, True])
+def test_resume_after_interruption_is_bit_identical(tmp_path, tiny_run, interrupt_after, fast_dropout):
+    common = {"max_steps": 12, "eval_steps": 6, "save_steps": 4, "lora_dropout": 0.1, "fast_dropout": fast_dropout}
     train(tiny_run("straight", **common))
     with interrupt_after(10), pytest.raises(KeyboardInterrupt):  # the last checkpoint: step 8
         train(tiny_run("resumed", **common))
@@ -232,7 +233,8 @@ def test_resume_accepts_changes_to_how_a_run_executes(tiny_run, field, value):
 
 
 @pytest.mark.parametrize("field, value", [("learning_rate", 1e-3), ("rank", 4), ("max_steps", 7), ("seed", 1),
-                                          ("eval_steps", 2), ("max_eval_samples", 8), ("precision", "bf16")])
+                                          ("eval_steps", 2), ("max_eval_samples", 8), ("precision", "bf16"),
+                                          ("fast_dropout", True)])
 def test_resume_refuses_changes_to_what_a_run_learns(tiny_run, field, value):
     from lorafit.run import RunDir
 

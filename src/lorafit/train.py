@@ -87,6 +87,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     with hf_progress_bars(cfg.progress):
         model = build_model(cfg, task)
     check_max_length(model, cfg.max_length)
+    if cfg.fast_dropout:
+        fastpath.use_fast_dropout(model)
     counts = count_parameters(model)
     if frozen_bf16:
         fastpath.cast_frozen_linears(model)
@@ -172,7 +174,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     summary.update(shapes.steady_speed(progress))
     summary.update(precision=precision, compile_seconds=round(shapes.seconds, 2), speed={
         "frozen_bf16": frozen_bf16, "compile": cfg.compile, "length_buckets": list(buckets) if buckets else None,
-        "fused_optimizer": cfg.fused_optimizer,
+        "fused_optimizer": cfg.fused_optimizer, "fast_dropout": cfg.fast_dropout,
         "attention": getattr(accelerator.unwrap_model(model).config, "_attn_implementation", None)})
     if accelerator.is_main_process:
         run.write_summary(summary)
