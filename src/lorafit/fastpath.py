@@ -209,12 +209,13 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class FastDropout(nn.Dropout):
-    """``nn.Dropout`` whose CPU masks cost about a quarter of ``bernoulli_``'s.
+    """``nn.Dropout`` whose CPU masks cost a third to a half of ``F.dropout``'s.
 
     PyTorch draws a CPU dropout mask one Mersenne-Twister number per element on one thread:
-    3.1 ms for an 848 x 384 activation on the 2-core machines here, against 0.67 ms for the
-    384 x 384 projection of it (docs/performance.md). One 64-bit draw decides four elements here. Elsewhere (a GPU: Philox is fast there), in eval mode and at p = 0 it is ``nn.Dropout``.
-    A model's attention-probability dropout inside SDPA only reads ``.p`` and stays as it was.
+    2-3 ms for an 848 x 384 activation on the 2-core machines here, against 0.67 ms for the
+    384 x 384 projection of it (docs/performance.md). One 64-bit draw decides four elements here.
+    Elsewhere (a GPU: Philox is fast there), in eval mode and at p = 0 it is ``nn.Dropout``. A
+    model's attention-probability dropout inside SDPA only reads ``.p`` and stays as it was.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
