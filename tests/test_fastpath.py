@@ -110,12 +110,85 @@ def test_use_fast_dropout_swaps_every_dropout_and_changes_nothing_in_eval():
     assert {n: m.p for n, m in after.items()} == before  # the same places, the same p (SDPA reads .p)
     assert all(type(m) is fastpath.FastDropout for m in after.values())
     assert "bert.encoder.layer.0.attention.self.query.lora_dropout" in after
+    assert model.config._attn_implementation == fastpath.FAST_ATTENTION  # attention's own dropout too
     assert torch.equal(model(input_ids=ids).logits, expected)
     model.train()
     torch.manual_seed(1)
     first = model(input_ids=ids).logits
     torch.manual_seed(1)
     assert torch.equal(model(input_ids=ids).logits, first)
+
+
+def _tiny_encoder(kind: str) -> torch.nn.Module:
+    import transformers
+
+    config_class, model_class = {
+        "bert": (transformers.BertConfig, transformers.BertForSequenceClassification),
+        "roberta": (transformers.RobertaConfig, transformers.RobertaForSequenceClassification),
+        "deberta-v2": (transformers.DebertaV2Config, transformers.DebertaV2ForSequenceClassification),
+    }[kind]
+    torch.manual_seed(0)
+    return model_class(config_class(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                                    vocab_size=99, max_position_embeddings=64, pad_token_id=1))
+
+
+def test_fast_attention_is_softmax_attention_with_the_fast_dropout_mask():
+    layer = _tiny_encoder("bert").bert.encoder.layer[0].attention.self.train()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8) for _ in range(3))
+    keep = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    keep[1, ..., 3:] = False  # the second sequence has two padding tokens
+    torch.manual_seed(7)
+    out, _ = fastpath.fast_attention(layer, q, k, v, keep, scaling=0.3, dropout=0.25)
+    torch.manual_seed(7)
+    mask = fastpath.fast_dropout(torch.ones(2, 4, 5, 5), 0.25)  # the same draws: the same mask
+    probs = torch.softmax((q @ k.transpose(-1, -2) * 0.3).masked_fill(~keep, float("-inf")), dim=-1)
+    expected = ((probs * mask) @ v).transpose(1, 2)
+    assert out.shape == (2, 5, 4, 8) and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out, (probs @ v).transpose(1, 2))  # dropout did drop
+    v2 = v.clone()
+    v2[1, :, 3:] = 1e4  # the values of masked keys do not count
+    torch.manual_seed(7)
+    assert torch.equal(fastpath.fast_attention(layer, q, k, v2, keep, scaling=0.3, dropout=0.25)[0], out)
+
+
+def test_fast_attention_is_sdpa_itself_outside_training_with_dropout():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layer = _tiny_encoder("bert").bert.encoder.layer[0].attention.self
+    q, k, v = (torch.randn(2, 4, 5, 8) for _ in range(3))
+    keep = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    keep[0, ..., 4:] = False
+    for training, p in ((False, 0.0), (True, 0.0), (False, 0.1)):  # what SDPA is given, it gets
+        layer.train(training)
+        torch.manual_seed(3)
+        out, _ = fastpath.fast_attention(layer, q, k, v, keep, scaling=0.3, dropout=p)
+        torch.manual_seed(3)
+        assert torch.equal(out, sdpa_attention_forward(layer, q, k, v, keep, scaling=0.3, dropout=p)[0])
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "deberta-v2"])
+def test_fast_dropout_trains_every_architecture_and_keeps_its_eval_logits(kind, tmp_path):
+    model = _tiny_encoder(kind)
+    ids = torch.randint(2, 99, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    model.eval()
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    fastpath.use_fast_dropout(model)
+    # DeBERTa computes its own attention (its dropout is one of the swapped modules).
+    switched = model.config._attn_implementation == fastpath.FAST_ATTENTION
+    assert switched == (kind != "deberta-v2")
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, expected)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1])).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    model.save_pretrained(tmp_path)  # the registered name is not saved: it loads anywhere
+    assert fastpath.FAST_ATTENTION not in (tmp_path / "config.json").read_text()
 
 
 def test_length_buckets_bound_the_batch_shapes():

@@ -13,7 +13,8 @@ Each is a ``TrainConfig`` field, so ``lorafit bench`` can switch it and measure 
 * ``compile``: ``torch.compile`` of the model's forward and backward (inductor); on a GPU
   ``reduce-overhead`` mode replays CUDA graphs, removing per-kernel launch cost.
 * ``fast_dropout``: on the CPU, dropout masks from 16-bit random integers (:class:`FastDropout`)
-  instead of ``bernoulli_``, which on these machines is a third of a 2-thread training step.
+  instead of ``bernoulli_``, which on these machines is a third of a 2-thread training step; the
+  attention probabilities get theirs through :func:`fast_attention`.
 """
 
 from __future__ import annotations
@@ -215,7 +216,8 @@ class FastDropout(nn.Dropout):
     2-3 ms for an 848 x 384 activation on the 2-core machines here, against 0.67 ms for the
     384 x 384 projection of it (docs/performance.md). One 64-bit draw decides four elements here.
     Elsewhere (a GPU: Philox is fast there), in eval mode and at p = 0 it is ``nn.Dropout``. A
-    model's attention-probability dropout inside SDPA only reads ``.p`` and stays as it was.
+    model's attention-probability dropout is drawn inside SDPA, which only reads ``.p``: that
+    one is :func:`fast_attention`'s.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,9 +228,62 @@ class FastDropout(nn.Dropout):
 
 def use_fast_dropout(model: nn.Module) -> int:
     """Replace every ``nn.Dropout`` in ``model`` (LoRA's too) with a :class:`FastDropout` of the
-    same ``p``; returns how many were replaced."""
+    same ``p``, and SDPA attention with :func:`fast_attention`; returns how many dropouts were
+    replaced.
+
+    The attention is switched only where the model runs Transformers' SDPA attention through its
+    attention interface (BERT, RoBERTa); DeBERTa computes its own attention, whose dropout is an
+    ``nn.Dropout`` module and so swapped with the rest.
+    """
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if type(child) is nn.Dropout]
     for parent, name, child in swaps:
         setattr(parent, name, FastDropout(child.p).train(child.training))
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) == "sdpa" and getattr(model, "_supports_attention_backend", False):
+        _register_fast_attention()
+        model.set_attn_implementation(FAST_ATTENTION)
     return len(swaps)
+
+
+# The name lorafit's attention is registered under with Transformers. Transformers does not save
+# it in config.json, so a saved or merged model loads with its own default attention elsewhere.
+FAST_ATTENTION = "lorafit_fast_dropout"
+
+
+def fast_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                   **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Transformers' SDPA attention, with the probabilities' dropout drawn by :func:`fast_dropout`.
+
+    In training on the CPU with dropout, PyTorch's SDPA takes its math path: it upcasts bf16
+    queries, keys and values to fp32, multiplies in fp32, checks every row for full masking, and
+    draws a ``bernoulli_`` mask of batch x heads x length x length, larger than any other
+    activation of an encoder layer. Here the two products run in autocast's dtype (as
+    Transformers' eager attention computes them), the scores, softmax and dropout in fp32. Masked
+    keys get float32's minimum rather than -inf, so a fully masked row gives uniform weights, as
+    eager attention does, not NaN. Everywhere else (evaluation, p = 0, a GPU) it is Transformers'
+    SDPA attention itself, so evaluation logits do not change.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not (module.training and dropout > 0 and query.device.type == "cpu"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    scores = torch.matmul(query, key.transpose(-1, -2)).float()
+    scores.mul_(query.size(-1) ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores.masked_fill_(attention_mask.logical_not(), torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probs = fast_dropout(torch.softmax(scores, dim=-1), dropout)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def _register_fast_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FAST_ATTENTION, fast_attention)
+    AttentionMaskInterface.register(FAST_ATTENTION, sdpa_mask)  # the same masks SDPA is given
