@@ -101,6 +101,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", type=int, default=40)
+    p.add_argument("--fast-dropout", action="store_true",
+                   help="profile with --fast-dropout (its masks, and its attention in place of SDPA's)")
     p.add_argument("--ranges", action="store_true",
                    help="also time the forward of each LoRA piece and encoder block (forward hooks)")
     p.add_argument("--out", help="folder for the table (<task>-b<batch>-<precision>.txt)")
@@ -114,6 +116,8 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg.model)
     data, _ = load_data(cfg, task, tokenizer)
     model = build_model(cfg, task)
+    if args.fast_dropout:
+        fastpath.use_fast_dropout(model)
     if fastpath.resolve_frozen_bf16(None, args.precision, "lora"):
         fastpath.cast_frozen_linears(model)
     optimizer = make_optimizer(model, cfg)
@@ -149,7 +153,8 @@ def main() -> None:
     table = events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=48)
     total = sum(e.self_cpu_time_total for e in events)
     header = {"task": args.task, "batch_size": args.batch_size, "precision": args.precision,
-              "threads": args.threads, "steps": args.steps, "padded_width": int(np.median(widths)),
+              "threads": args.threads, "fast_dropout": args.fast_dropout, "steps": args.steps,
+              "padded_width": int(np.median(widths)),
               "torch": torch.__version__, "self_cpu_ms_per_step": round(total / 1e3 / args.steps, 2)}
     text = json.dumps(header) + "\n" + table
     if args.ranges:  # forward ranges (hooks) and the loop's own pieces, as shares of the step
@@ -162,7 +167,7 @@ def main() -> None:
     print(text)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        name = f"{args.task}-b{args.batch_size}-{args.precision}.txt"
+        name = f"{args.task}-b{args.batch_size}-{args.precision}{'-fast-dropout' if args.fast_dropout else ''}.txt"
         (Path(args.out) / name).write_text(text, encoding="utf-8")
 
 
