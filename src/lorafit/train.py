@@ -76,6 +76,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # process takes every physical core: hyper-threads share a core's matrix units and only contend.
     if cfg.num_threads or accelerator.num_processes == 1:
         torch.set_num_threads(cfg.num_threads or physical_cores())
+    reuse_memory = cfg.reuse_memory and device.type == "cpu" and fastpath.reuse_freed_memory()
     accelerator.print(f"lorafit: {describe(accelerator, cfg.batch_size, cfg.grad_accum)}")
     check_supported(accelerator, cfg.grad_accum)
     set_seed(cfg.seed)
@@ -175,6 +176,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     summary.update(precision=precision, compile_seconds=round(shapes.seconds, 2), speed={
         "frozen_bf16": frozen_bf16, "compile": cfg.compile, "length_buckets": list(buckets) if buckets else None,
         "fused_optimizer": cfg.fused_optimizer, "fast_dropout": cfg.fast_dropout,
+        "reuse_memory": reuse_memory,
         "attention": getattr(accelerator.unwrap_model(model).config, "_attn_implementation", None)})
     if accelerator.is_main_process:
         run.write_summary(summary)

@@ -24,7 +24,8 @@ VARIANT_SWITCHES: dict[str, dict[str, Any]] = {
     "loraplus": {"loraplus_lr_ratio": 16.0},  # the LoRA+ paper's suggested ratio
     "pissa": {"init_lora_weights": "pissa"},
 }
-LORAFIT_SWITCHES = ("compile", "fast_dropout", "frozen_bf16", "fused_optimizer", "group_by_length", *VARIANT_SWITCHES)
+LORAFIT_SWITCHES = ("compile", "fast_dropout", "frozen_bf16", "fused_optimizer", "group_by_length", "reuse_memory",
+                    *VARIANT_SWITCHES)
 # The baseline's one switch: the Trainer's own ``group_by_length`` (off by default, as a user who
 # keeps the Trainer's defaults has it), so a comparison can also show the baseline with padding
 # cut the way lorafit cuts it (``peft@bf16+group_by_length``).
