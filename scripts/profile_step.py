@@ -16,17 +16,13 @@ import contextlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from lorafit import fastpath
+from lorafit.bench.step import training_step, typical_batches
 from lorafit.config import make_config
-from lorafit.data import batch_order
-from lorafit.distributed import make_accelerator
 from lorafit.models import load_tokenizer
-from lorafit.setup import build_model, linear_schedule, load_data, make_optimizer
-from lorafit.train import _accumulate
+from lorafit.setup import load_data
 
 
 def add_ranges(model: torch.nn.Module) -> None:
@@ -113,36 +109,11 @@ def main() -> None:
     cfg = make_config(task=args.task, batch_size=args.batch_size, precision=args.precision, lora_dropout=0.1,
                       max_train_samples=4096, progress=False, num_threads=args.threads)
     task = cfg.task_spec()
-    tokenizer = load_tokenizer(cfg.model)
-    data, _ = load_data(cfg, task, tokenizer)
-    model = build_model(cfg, task)
-    if args.fast_dropout:
-        fastpath.use_fast_dropout(model)
-    if fastpath.resolve_frozen_bf16(None, args.precision, "lora"):
-        fastpath.cast_frozen_linears(model)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = linear_schedule(optimizer, 10, 1000)
-    accelerator = make_accelerator({"fp32": "no"}.get(args.precision, args.precision), torch.device("cpu"))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    order = batch_order(len(data), cfg.batch_size, cfg.seed, 0, data.lengths, cfg.group_by_length)
-    # Batches of the median padded width: a typical step, the same batches in every profile.
-    widths = np.array([data.lengths[b].max() for b in order])
-    typical = [b for b, w in zip(order, widths) if w == int(np.median(widths)) and len(b) == cfg.batch_size]
-    model.train()
+    data, _ = load_data(cfg, task, load_tokenizer(cfg.model))
+    typical, width = typical_batches(cfg, data)
+    model, step = training_step(cfg, task, data, fast_dropout=args.fast_dropout)
     if args.ranges:
         add_ranges(model)
-
-    def step(batch: np.ndarray) -> None:
-        with record_function("lorafit.forward_backward"):
-            loss = _accumulate(model, accelerator, data, [batch], 0)
-        with record_function("lorafit.clip"):
-            accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-        with record_function("lorafit.optimizer"):
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss
 
     for i in range(args.warmup):
         step(typical[i % len(typical)])
@@ -154,7 +125,7 @@ def main() -> None:
     total = sum(e.self_cpu_time_total for e in events)
     header = {"task": args.task, "batch_size": args.batch_size, "precision": args.precision,
               "threads": args.threads, "fast_dropout": args.fast_dropout, "steps": args.steps,
-              "padded_width": int(np.median(widths)),
+              "padded_width": width,
               "torch": torch.__version__, "self_cpu_ms_per_step": round(total / 1e3 / args.steps, 2)}
     text = json.dumps(header) + "\n" + table
     if args.ranges:  # forward ranges (hooks) and the loop's own pieces, as shares of the step

@@ -1,0 +1,92 @@
+"""Steady-state milliseconds per training step, lorafit's settings side by side in one process.
+
+    PYTHONPATH=src python scripts/step_time.py --task mrpc --batch-size 16 --threads 2 \
+        --settings plain,fast_dropout --out docs/performance/profile
+
+Builds one model per setting as ``lorafit train`` does (embedded MiniLM, LoRA r=8 on
+query/value, LoRA dropout 0.1 as in the bench, bf16 autocast with the frozen base in bf16, fused
+AdamW, clipping), warms each up, then times rounds of ``--steps`` full steps (forward, backward,
+clip, optimizer, scheduler) on batches of the median padded width, alternating the settings
+round by round so that drift on a shared machine hits them alike. Prints the median ms a step
+of each and its speed against the first. ``lorafit bench`` measures whole runs against the
+baseline; this isolates the step, where one setting's effect is not diluted by start-up,
+evaluation and batches of other widths. Settings: ``plain`` (lorafit's defaults) and
+``fast_dropout`` (``--fast-dropout``). The process-wide ``reuse_memory`` is on for both unless
+``--no-reuse-memory``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lorafit import fastpath
+from lorafit.bench.env import environment
+from lorafit.bench.step import training_step, typical_batches
+from lorafit.config import make_config
+from lorafit.models import load_tokenizer
+from lorafit.setup import load_data
+
+SETTINGS = ("plain", "fast_dropout")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--task", default="mrpc")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--settings", default="plain,fast_dropout")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=8, help="steps a round")
+    p.add_argument("--no-reuse-memory", action="store_true")
+    p.add_argument("--out", help="folder for the result (<task>-b<batch>-step-time.json)")
+    args = p.parse_args()
+    settings = args.settings.split(",")
+    if unknown := set(settings) - set(SETTINGS):
+        p.error(f"--settings: unknown {sorted(unknown)} (choose from {', '.join(SETTINGS)})")
+
+    torch.set_num_threads(args.threads)
+    reuse = not args.no_reuse_memory and fastpath.reuse_freed_memory()
+    cfg = make_config(task=args.task, batch_size=args.batch_size, precision="bf16", lora_dropout=0.1,
+                      max_train_samples=4096, progress=False, num_threads=args.threads)
+    task = cfg.task_spec()
+    data, _ = load_data(cfg, task, load_tokenizer(cfg.model))
+    typical, width = typical_batches(cfg, data)
+    steps = {}
+    for setting in settings:
+        torch.manual_seed(0)
+        _, steps[setting] = training_step(cfg, task, data, fast_dropout=setting == "fast_dropout")
+        for i in range(3):  # warm-up
+            steps[setting](typical[i % len(typical)])
+
+    times: dict[str, list[float]] = {s: [] for s in settings}
+    for r in range(args.rounds):
+        for setting in settings:
+            started = time.perf_counter()
+            for i in range(args.steps):
+                steps[setting](typical[(r * args.steps + i) % len(typical)])
+            times[setting].append((time.perf_counter() - started) / args.steps * 1e3)
+
+    first = statistics.median(times[settings[0]])
+    result = {"task": args.task, "batch_size": args.batch_size, "padded_width": width,
+              "threads": args.threads, "reuse_memory": reuse, "rounds": args.rounds, "steps_a_round": args.steps,
+              "environment": environment(), "ms_per_step": {}}
+    for setting in settings:
+        median = statistics.median(times[setting])
+        result["ms_per_step"][setting] = {"median": round(median, 1), "min": round(min(times[setting]), 1),
+                                          "max": round(max(times[setting]), 1)}
+        print(f"{setting:14s} {median:7.1f} ms a step ({min(times[setting]):.1f}-{max(times[setting]):.1f})"
+              f"  {first / median:.2f}x {settings[0]}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        name = f"{args.task}-b{args.batch_size}-step-time{'' if reuse else '-no-reuse-memory'}.json"
+        (Path(args.out) / name).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

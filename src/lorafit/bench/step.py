@@ -1,0 +1,62 @@
+"""One training step built as ``lorafit train`` builds it, for the scripts that time or profile it.
+
+``scripts/profile_step.py`` (where a step's time goes) and ``scripts/step_time.py`` (ms a step of
+lorafit's settings side by side) both use it, so they measure the same step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.profiler import record_function
+
+from lorafit import fastpath
+from lorafit.data import batch_order
+from lorafit.distributed import make_accelerator
+from lorafit.setup import build_model, linear_schedule, make_optimizer
+from lorafit.train import _accumulate
+
+
+def typical_batches(cfg: Any, data: Any) -> tuple[list[np.ndarray], int]:
+    """The first epoch's full batches of the median padded width, and that width: a typical step."""
+    order = batch_order(len(data), cfg.batch_size, cfg.seed, 0, data.lengths, cfg.group_by_length)
+    widths = np.array([data.lengths[b].max() for b in order])
+    width = int(np.median(widths))
+    return [b for b, w in zip(order, widths) if w == width and len(b) == cfg.batch_size], width
+
+
+def training_step(cfg: Any, task: Any, data: Any, fast_dropout: bool = False
+                  ) -> tuple[torch.nn.Module, Callable[[np.ndarray], torch.Tensor]]:
+    """A model and one full step on it: forward and backward (``lorafit.train._accumulate``),
+    clipping, optimizer, scheduler, ``zero_grad``, each named for the profiler.
+
+    As ``lorafit train`` builds it: LoRA per ``cfg``, fast dropout if asked, the frozen base in
+    bf16 where LoRA trains in bf16, fused AdamW, autocast in ``cfg.precision`` on the CPU.
+    """
+    model = build_model(cfg, task)
+    if fast_dropout:
+        fastpath.use_fast_dropout(model)
+    if fastpath.resolve_frozen_bf16(None, cfg.precision, "lora"):
+        fastpath.cast_frozen_linears(model)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = linear_schedule(optimizer, 10, 1000)
+    accelerator = make_accelerator({"fp32": "no"}.get(cfg.precision, cfg.precision), torch.device("cpu"))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def step(batch: np.ndarray) -> torch.Tensor:
+        with record_function("lorafit.forward_backward"):
+            loss = _accumulate(model, accelerator, data, [batch], 0)
+        with record_function("lorafit.clip"):
+            accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        with record_function("lorafit.optimizer"):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return model, step

@@ -1,0 +1,30 @@
+"""The training step the timing and profiling scripts measure is lorafit's step, on real batches."""
+
+from __future__ import annotations
+
+import torch
+
+from lorafit.bench.step import training_step, typical_batches
+from lorafit.config import make_config
+from lorafit.lora import lora_layers
+from lorafit.models import load_tokenizer
+from lorafit.setup import load_data
+
+
+def test_typical_batches_are_full_and_of_the_median_width_and_a_step_trains_lora_and_head():
+    cfg = make_config(task="rte", batch_size=4, precision="bf16", lora_dropout=0.1, max_train_samples=52,
+                      max_length=64, progress=False, num_threads=1)
+    task = cfg.task_spec()  # 52 examples: 13 batches, an odd count, so the median is a batch's width
+    data, _ = load_data(cfg, task, load_tokenizer(cfg.model))
+    batches, width = typical_batches(cfg, data)
+    assert batches and all(len(b) == 4 and data.lengths[b].max() == width for b in batches)
+
+    model, step = training_step(cfg, task, data, fast_dropout=True)
+    (_, layer), *_ = lora_layers(model)
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
+    before = [layer.lora_B.weight.detach().clone(), *(p.detach().clone() for p in head)]
+    loss = step(batches[0])
+    assert torch.isfinite(loss) and loss > 0
+    assert layer.base_layer.weight.dtype == torch.bfloat16  # the frozen base as lorafit train stores it
+    after = [layer.lora_B.weight, *head]
+    assert all(not torch.equal(b, a) for b, a in zip(before, after))  # B (zeros at start) and the head moved
