@@ -107,11 +107,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = make_config(task=args.task, batch_size=args.batch_size, precision=args.precision, lora_dropout=0.1,
-                      max_train_samples=4096, progress=False, num_threads=args.threads)
+                      max_train_samples=4096, progress=False, num_threads=args.threads,
+                      fast_dropout=args.fast_dropout)
     task = cfg.task_spec()
     data, _ = load_data(cfg, task, load_tokenizer(cfg.model))
     typical, width = typical_batches(cfg, data)
-    model, step = training_step(cfg, task, data, fast_dropout=args.fast_dropout)
+    model, step = training_step(cfg, task, data)
     if args.ranges:
         add_ranges(model)
 

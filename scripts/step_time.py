@@ -11,8 +11,8 @@ round by round so that drift on a shared machine hits them alike. Prints the med
 of each and its speed against the first. ``lorafit bench`` measures whole runs against the
 baseline; this isolates the step, where one setting's effect is not diluted by start-up,
 evaluation and batches of other widths. Settings: ``plain`` (lorafit's defaults) and
-``fast_dropout`` (``--fast-dropout``). The process-wide ``reuse_memory`` is on for both unless
-``--no-reuse-memory``.
+``fast_dropout`` (``--fast-dropout``). ``--reuse-memory`` turns the process-wide setting of that
+name on for both (off by default, as in ``lorafit train``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--settings", default="plain,fast_dropout")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=8, help="steps a round")
-    p.add_argument("--no-reuse-memory", action="store_true")
+    p.add_argument("--reuse-memory", action="store_true")
     p.add_argument("--out", help="folder for the result (<task>-b<batch>-step-time.json)")
     args = p.parse_args()
     settings = args.settings.split(",")
@@ -51,7 +51,7 @@ def main() -> None:
         p.error(f"--settings: unknown {sorted(unknown)} (choose from {', '.join(SETTINGS)})")
 
     torch.set_num_threads(args.threads)
-    reuse = not args.no_reuse_memory and fastpath.reuse_freed_memory()
+    reuse = args.reuse_memory and fastpath.reuse_freed_memory()
     cfg = make_config(task=args.task, batch_size=args.batch_size, precision="bf16", lora_dropout=0.1,
                       max_train_samples=4096, progress=False, num_threads=args.threads)
     task = cfg.task_spec()
@@ -60,7 +60,7 @@ def main() -> None:
     steps = {}
     for setting in settings:
         torch.manual_seed(0)
-        _, steps[setting] = training_step(cfg, task, data, fast_dropout=setting == "fast_dropout")
+        _, steps[setting] = training_step(cfg.replace(fast_dropout=setting == "fast_dropout"), task, data)
         for i in range(3):  # warm-up
             steps[setting](typical[i % len(typical)])
 
@@ -84,7 +84,7 @@ def main() -> None:
               f"  {first / median:.2f}x {settings[0]}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        name = f"{args.task}-b{args.batch_size}-step-time{'' if reuse else '-no-reuse-memory'}.json"
+        name = f"{args.task}-b{args.batch_size}-step-time{'-reuse-memory' if reuse else ''}.json"
         (Path(args.out) / name).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 
 

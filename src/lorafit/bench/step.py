@@ -28,16 +28,15 @@ def typical_batches(cfg: Any, data: Any) -> tuple[list[np.ndarray], int]:
     return [b for b, w in zip(order, widths) if w == width and len(b) == cfg.batch_size], width
 
 
-def training_step(cfg: Any, task: Any, data: Any, fast_dropout: bool = False
-                  ) -> tuple[torch.nn.Module, Callable[[np.ndarray], torch.Tensor]]:
+def training_step(cfg: Any, task: Any, data: Any) -> tuple[torch.nn.Module, Callable[[np.ndarray], torch.Tensor]]:
     """A model and one full step on it: forward and backward (``lorafit.train._accumulate``),
     clipping, optimizer, scheduler, ``zero_grad``, each named for the profiler.
 
-    As ``lorafit train`` builds it: LoRA per ``cfg``, fast dropout if asked, the frozen base in
+    As ``lorafit train`` builds it: LoRA per ``cfg``, fast dropout if ``cfg.fast_dropout``, the frozen base in
     bf16 where LoRA trains in bf16, fused AdamW, autocast in ``cfg.precision`` on the CPU.
     """
     model = build_model(cfg, task)
-    if fast_dropout:
+    if cfg.fast_dropout:
         fastpath.use_fast_dropout(model)
     if fastpath.resolve_frozen_bf16(None, cfg.precision, "lora"):
         fastpath.cast_frozen_linears(model)
