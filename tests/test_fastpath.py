@@ -6,6 +6,7 @@ exercised here on the CPU, so a machine without CUDA can neither break nor skip 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -294,7 +295,7 @@ def test_embedded_model_can_come_from_a_carried_fp16_copy(tmp_path, monkeypatch)
 # Minor page faults of allocating, touching and freeing an 8 MiB tensor, first as glibc does by
 # default, then after reuse_freed_memory(); in a fresh process, as the setting is process wide.
 _FAULTS = """
-import resource, sys, torch
+import resource, torch
 from lorafit import fastpath
 
 def faults():
@@ -303,21 +304,25 @@ def faults():
         torch.empty(2 * 1024 * 1024).fill_(1.0)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-faults()
-default = faults()
+def steady():  # the best of a few rounds: the heap may take a round or two to grow
+    return min(faults() for _ in range(4))
+
+default = steady()
 applied = fastpath.reuse_freed_memory()
-faults()
-print(default, applied, faults())
+print(default, applied, steady())
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings exist on Linux only")
 def test_reuse_freed_memory_stops_each_step_faulting_its_tensors_in_again():
-    out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True).stdout
+    # glibc raises its mmap threshold by itself after a block is freed, at moments that vary
+    # from run to run; the environment variable pins it at glibc's starting 128 KiB, so the
+    # baseline is the same every time: each 8 MiB tensor a fresh mmap of 2,048 zeroed pages.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True, env=env).stdout
     default, applied, reused = out.split()
     assert applied == "True"
-    # 5 x 8 MiB by default: 2,048 pages each time; kept in the heap: a handful in all.
-    assert int(default) > 5 * 1500 and int(reused) < 200, out
+    assert int(default) > 5 * 2000 and int(reused) < 200, out
 
 
 SMALL = {"task": "rte", "max_train_samples": 32, "max_eval_samples": 16, "batch_size": 8, "eval_batch_size": 16,
