@@ -15,15 +15,19 @@ TINY = ["--task", "rte", "--max-train-samples", "16", "--max-eval-samples", "8",
         "--max-length", "32", "--repeats", "1", "--threads", "1", "--peak-seconds", "0.01"]
 TRAIN_FIELDS = {"examples_per_second", "tokens_per_second", "peak_memory_gib", "dev_metric", "metric", "train_seconds",
                 "examples", "tokens", "steps", "precision", "compile_seconds"}
+LORAFIT_FIELDS = TRAIN_FIELDS | {"speed"}
 
 
 def test_a_variant_side_trains_that_variant_and_is_compared_with_plain_lora(tmp_path):
     out = tmp_path / "bench.jsonl"
-    assert main(["bench", "train", *TINY, "--no-peak", "--sides", "lorafit@fp32,lorafit@fp32+dora",
-                 "--output", str(out)]) == 0
+    assert main(["bench", "train", *TINY, "--no-peak", "--sides",
+                 "lorafit@fp32,lorafit@fp32+dora,lorafit@fp32+fast_dropout+reuse_memory", "--output", str(out)]) == 0
     records = _records(out)
-    plain, dora = (next(r for r in records if r["kind"] == "measurement" and r["side"] == s)
-                   for s in ("lorafit@fp32", "lorafit@fp32+dora"))
+    plain, dora, fast = (next(r for r in records if r["kind"] == "measurement" and r["side"] == s)
+                         for s in ("lorafit@fp32", "lorafit@fp32+dora", "lorafit@fp32+fast_dropout+reuse_memory"))
+    # Each measurement records the speed settings its label stood for, defaults included.
+    assert (plain["speed"]["fast_dropout"], plain["speed"]["reuse_memory"]) == (False, False)
+    assert (fast["speed"]["fast_dropout"], fast["speed"]["reuse_memory"]) == (True, True)
     # DoRA trains one magnitude per output row of each adapted layer on top of A and B: MiniLM's
     # query and value in 6 layers, 384 rows each.
     assert dora["trainable_parameters"]["adapter"] - plain["trainable_parameters"]["adapter"] == 6 * 2 * 384
@@ -47,7 +51,8 @@ def test_train_bench_runs_both_sides_and_computes_the_ratio(tmp_path, capsys):
     runs = [r for r in records if r["kind"] == "measurement"]
     assert [r["side"] for r in runs] == ["lorafit@fp32", "peft@fp32"]
     for r in runs:
-        assert TRAIN_FIELDS <= set(r), TRAIN_FIELDS - set(r)
+        fields = LORAFIT_FIELDS if r["impl"] == "lorafit" else TRAIN_FIELDS
+        assert fields <= set(r), fields - set(r)
         assert r["examples"] == 16 and r["steps"] == 2 and r["examples_per_second"] > 0
         assert r["settings"]["batch_size"] == 8 and r["settings"]["threads"] == 1
         env = r["environment"]

@@ -42,6 +42,8 @@ def lorafit_train(work: Workload, side: Side) -> dict[str, Any]:
         "dev_metric": summary["best_metric"],
         "precision": summary["precision"],
         "compile_seconds": summary.get("compile_seconds", 0.0),
+        # What the side's label meant that day: defaults change, the record should not need them.
+        "speed": summary["speed"],
     }
 
 
