@@ -76,10 +76,10 @@ def test_fast_dropout_drops_p_of_the_elements_unbiased(p, dtype):
     dropped = (y == 0).float()
     # 400,003 Bernoulli(p) draws: 5 standard deviations are under 0.004.
     assert dropped.mean().item() == pytest.approx(p, abs=0.004)
-    # Every word of a draw decides its own element, the top (15-bit) one as often as the others.
+    # Each of the four 16-bit words of a 64-bit draw decides its own element, each as often.
     for column in dropped[:400_000].view(-1, 4).mean(0):
         assert column.item() == pytest.approx(p, abs=0.008)
-    keep = 1 - round(p * 32768) / 32768
+    keep = 1 - round(p * 65536) / 65536
     zero, scale = y.unique().tolist()
     assert zero == 0.0 and scale == pytest.approx(1 / keep, rel=1e-2 if dtype == torch.bfloat16 else 1e-6)
     assert y.dtype == dtype and y.float().mean().item() == pytest.approx(1.0, abs=0.01)

@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -222,22 +223,24 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Training-mode dropout of a CPU tensor, its mask from 16-bit random integers.
 
-    Each int64 ``random_`` draw holds 63 random bits: three 16-bit words uniform on [-32768,
-    32767] and a fourth, the top one, on [0, 32767]. Each word decides one element against a
-    threshold for its range, so the drop probability is ``p`` rounded to a multiple of 1/32768
-    (0.1 becomes 0.100006) for every element. Kept values are scaled by the inverse of the actual
-    keep probability, so the output is unbiased as ``F.dropout``'s is. The draws come from torch's
-    default generator, the one resume checkpoints save, as a different stream from ``F.dropout``'s.
+    One int64 drawn from torch's default generator (the one resume checkpoints save) seeds a
+    NumPy SFC64 stream; each 16-bit word of it, uniform on [-32768, 32767], decides one element
+    against one threshold, so the drop probability is ``p`` rounded to a multiple of 1/65536
+    (0.1 becomes 0.100006). Kept values are scaled by the inverse of the actual keep
+    probability, so the output is unbiased as ``F.dropout``'s is.
+
+    Why not torch alone: on the 2-core machines here, for attention probabilities of 16 x 12 x
+    53 x 53, ``random_()`` takes 390 us where SFC64 fills the same words in 195 us, and
+    multiplying by a bool mask takes 320 us where the same mask viewed as uint8 takes 130 us
+    (bool operands leave PyTorch's vectorised CPU kernels). Seeding costs about 6 us a call.
     """
     if p >= 1.0:
         return x * 0.0
-    drop = round(p * 32768)  # of 32768
-    low, top = 2 * drop - 32768, drop  # thresholds in a full word's range and in the top word's
-    thresholds = torch.tensor((low, low, low, top) if sys.byteorder == "little" else (top, low, low, low),
-                              dtype=torch.int16)
-    draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_()
-    keep = (draws.view(torch.int16).view(-1, 4) >= thresholds).view(-1)[: x.numel()].view(x.shape)
-    return (x * keep).mul_(32768 / (32768 - drop))
+    drop = round(p * 65536)  # of 65536
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    words = np.random.SFC64(seed).random_raw((x.numel() + 3) // 4).view(np.int16)[: x.numel()]
+    keep = torch.from_numpy(words).view(x.shape) >= drop - 32768
+    return (x * keep.view(torch.uint8)).mul_(65536 / (65536 - drop))
 
 
 class FastDropout(nn.Dropout):
