@@ -11,8 +11,13 @@ round by round so that drift on a shared machine hits them alike. Prints the med
 of each and its speed against the first. ``lorafit bench`` measures whole runs against the
 baseline; this isolates the step, where one setting's effect is not diluted by start-up,
 evaluation and batches of other widths. Settings: ``plain`` (lorafit's defaults) and
-``fast_dropout`` (``--fast-dropout``). ``--reuse-memory`` turns the process-wide setting of that
-name on for both (off by default, as in ``lorafit train``).
+``fast_dropout`` (``--fast-dropout``), each optionally with a part of the model taken out to see
+what it costs (``fast_dropout-attention``, ``plain-gelu``, ``fast_dropout-layernorm``; see
+``lorafit.bench.step.remove_part``). ``--reuse-memory`` turns the process-wide setting of that
+name on for all (off by default, as in ``lorafit train``).
+
+    PYTHONPATH=src python scripts/step_time.py --reuse-memory \
+        --settings fast_dropout,fast_dropout-attention,fast_dropout-gelu,fast_dropout-layernorm
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 
 from lorafit import fastpath
 from lorafit.bench.env import environment
-from lorafit.bench.step import training_step, typical_batches
+from lorafit.bench.step import PARTS, remove_part, training_step, typical_batches
 from lorafit.config import make_config
 from lorafit.models import load_tokenizer
 from lorafit.setup import load_data
@@ -47,8 +52,10 @@ def main() -> None:
     p.add_argument("--out", help="folder for the result (<task>-b<batch>-step-time.json)")
     args = p.parse_args()
     settings = args.settings.split(",")
-    if unknown := set(settings) - set(SETTINGS):
-        p.error(f"--settings: unknown {sorted(unknown)} (choose from {', '.join(SETTINGS)})")
+    known = {*SETTINGS, *(f"{s}-{part}" for s in SETTINGS for part in PARTS)}
+    if unknown := set(settings) - known:
+        p.error(f"--settings: unknown {sorted(unknown)} (choose from {', '.join(SETTINGS)}, "
+                f"each optionally with -{' / -'.join(PARTS)})")
 
     torch.set_num_threads(args.threads)
     reuse = args.reuse_memory and fastpath.reuse_freed_memory()
@@ -60,7 +67,10 @@ def main() -> None:
     steps = {}
     for setting in settings:
         torch.manual_seed(0)
-        _, steps[setting] = training_step(cfg.replace(fast_dropout=setting == "fast_dropout"), task, data)
+        base, _, part = setting.partition("-")
+        model, steps[setting] = training_step(cfg.replace(fast_dropout=base == "fast_dropout"), task, data)
+        if part:
+            remove_part(model, part)
         for i in range(3):  # warm-up
             steps[setting](typical[i % len(typical)])
 

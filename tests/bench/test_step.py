@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from lorafit.bench.step import training_step, typical_batches
+from lorafit.bench.step import PARTS, remove_part, training_step, typical_batches
 from lorafit.config import make_config
 from lorafit.lora import lora_layers
 from lorafit.models import load_tokenizer
@@ -28,3 +29,24 @@ def test_typical_batches_are_full_and_of_the_median_width_and_a_step_trains_lora
     assert layer.base_layer.weight.dtype == torch.bfloat16  # the frozen base as lorafit train stores it
     after = [layer.lora_B.weight, *head]
     assert all(not torch.equal(b, a) for b, a in zip(before, after))  # B (zeros at start) and the head moved
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_removing_a_part_changes_every_layer_and_the_step_still_trains(part):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                     intermediate_size=37, vocab_size=99)).eval()
+    ids = torch.randint(0, 99, (3, 11))
+    before = model(input_ids=ids).logits
+    assert remove_part(model, part) == {"attention": 2, "gelu": 2, "layernorm": 4}[part]
+    after = model(input_ids=ids).logits
+    assert not torch.allclose(after, before)  # it computes something else now
+    after.sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    query_grad = grads["bert.encoder.layer.0.attention.self.query.weight"]
+    # Without attention, nothing the queries compute reaches the output.
+    assert (query_grad is None or not query_grad.any()) == (part == "attention")
+    with pytest.raises(ValueError, match="part: expected one of attention, gelu, layernorm"):
+        remove_part(model, "softmax")

@@ -1,7 +1,9 @@
 """One training step built as ``lorafit train`` builds it, for the scripts that time or profile it.
 
 ``scripts/profile_step.py`` (where a step's time goes) and ``scripts/step_time.py`` (ms a step of
-lorafit's settings side by side) both use it, so they measure the same step.
+lorafit's settings side by side) both use it, so they measure the same step. ``step_time.py`` can
+also time the step with one piece of the model taken out (:func:`remove_part`): torch.profiler
+inflates the per-operator times of these small steps, the difference of two steps does not.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.profiler import record_function
 
 from lorafit import fastpath
@@ -26,6 +29,48 @@ def typical_batches(cfg: Any, data: Any) -> tuple[list[np.ndarray], int]:
     widths = np.array([data.lengths[b].max() for b in order])
     width = int(np.median(widths))
     return [b for b, w in zip(order, widths) if w == width and len(b) == cfg.batch_size], width
+
+
+PARTS = ("attention", "gelu", "layernorm")
+
+
+def remove_part(model: nn.Module, part: str) -> int:
+    """Take one piece out of every encoder layer of a BERT-style model, for timing only.
+
+    ``attention``: each layer's attention returns its values unmixed (no products, softmax or
+    dropout, and no gradient reaches the query and key projections); ``gelu``: the feed-forward
+    activation becomes the identity; ``layernorm``: the encoder's LayerNorms do (the embeddings'
+    stays). The model still trains, it just computes something else. Returns how many places changed.
+    """
+    if part not in PARTS:
+        raise ValueError(f"part: expected one of {', '.join(PARTS)}, got {part!r}")
+    changed = 0
+    for name, module in model.named_modules():
+        if part == "attention" and hasattr(module, "attention_head_size") and hasattr(module, "config"):
+            module.config._attn_implementation = _VALUES_ONLY
+            changed += 1
+        elif part == "gelu" and hasattr(module, "intermediate_act_fn"):
+            module.intermediate_act_fn = nn.Identity()
+            changed += 1
+        elif part == "layernorm" and "encoder" in name:
+            for child_name, child in module.named_children():
+                if isinstance(child, nn.LayerNorm):
+                    setattr(module, child_name, nn.Identity())
+                    changed += 1
+    if part == "attention":
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(_VALUES_ONLY, _values_only)
+        model.config._attn_implementation = _VALUES_ONLY
+    return changed
+
+
+_VALUES_ONLY = "lorafit_values_only"
+
+
+def _values_only(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    return value.transpose(1, 2).contiguous(), None
 
 
 def training_step(cfg: Any, task: Any, data: Any) -> tuple[torch.nn.Module, Callable[[np.ndarray], torch.Tensor]]:
