@@ -32,6 +32,7 @@ def typical_batches(cfg: Any, data: Any) -> tuple[list[np.ndarray], int]:
 
 
 PARTS = ("attention", "gelu", "layernorm")
+_VALUES_ONLY = "lorafit_values_only"  # the attention function remove_part registers
 
 
 def remove_part(model: nn.Module, part: str) -> int:
@@ -61,11 +62,7 @@ def remove_part(model: nn.Module, part: str) -> int:
         from transformers import AttentionInterface
 
         AttentionInterface.register(_VALUES_ONLY, _values_only)
-        model.config._attn_implementation = _VALUES_ONLY
     return changed
-
-
-_VALUES_ONLY = "lorafit_values_only"
 
 
 def _values_only(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
