@@ -92,8 +92,8 @@ class TrainConfig:
     compile_mode: CompileMode = field(default="auto", metadata=_help("torch.compile mode; auto: reduce-overhead (CUDA graphs) on a GPU, default on a CPU"))
     length_buckets: list[int] | None = field(default=None, metadata=_help("pad each batch up to the next of these lengths (default with --compile: 16,32,48,64,96,128,... up to --max-length)"))
     fused_optimizer: bool = field(default=True, metadata=_help("one fused AdamW kernel for all trainable parameters (else a per-tensor loop)"))
-    fast_dropout: bool = field(default=False, metadata=_help("draw CPU dropout masks, attention probabilities' included, from 16-bit random integers, 2-3x cheaper than torch's, and run training attention in autocast's dtype instead of SDPA's fp32 math path (a different random stream: a run with it does not repeat one without it bit for bit)"))
-    reuse_memory: bool = field(default=False, metadata=_help("on a CPU, keep freed memory in the process for the next step's tensors (glibc's malloc) instead of faulting it in from the kernel again (MRPC steps measured 3 to 10 in 100 faster, not yet through lorafit bench); the process's memory stays near its peak", RUNTIME))
+    fast_dropout: bool = field(default=False, metadata=_help("draw CPU dropout masks, attention probabilities' included, from 16-bit random integers at about a third of torch's cost, and run training attention in autocast's dtype instead of SDPA's fp32 math path (a different random stream: a run with it does not repeat one without it bit for bit)"))
+    reuse_memory: bool = field(default=False, metadata=_help("on a CPU, keep freed memory in the process for the next step's tensors (glibc's malloc) instead of faulting it in from the kernel again (MRPC steps measured 3 to 10 in 100 faster, whole runs through lorafit bench about 1 in 100); the process's memory stays near its peak", RUNTIME))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_help("auto (a GPU when there is one), cpu or cuda", RUNTIME))
     # Data.
     max_length: int = field(default=128, metadata=_help("truncate inputs to this many tokens (padding is dynamic)"))
