@@ -83,6 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     cfg = make_config(args.recipe, **overrides)
+    if args.process_entry:
+        relaunch_on_allocator(cfg.allocator, cfg.device)
     summary = train_seeds(cfg)
     if not is_main_process():  # under torchrun / accelerate launch, one process reports
         return 0
@@ -100,6 +102,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = run / ("adapter" if cfg.method == "lora" else "model")
     print(f"{'adapter' if cfg.method == 'lora' else 'model'} saved to {saved}")
     return 0
+
+
+def relaunch_on_allocator(requested: str, device: str) -> None:
+    """Start this command again on the ``--allocator`` asked for unless the process runs on it
+    already (see :mod:`lorafit.allocator`): only the command line can, before it does any work."""
+    from lorafit import allocator
+    from lorafit.fastpath import resolve_device
+
+    allocator.relaunch(allocator.resolve(requested, resolve_device(device).type), sys.argv[1:])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -286,13 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one ``lorafit`` command; returns the exit code (2 for bad input, with one line on stderr)."""
-    argv = sys.argv[1:] if argv is None else argv
+    argv_given, argv = argv, sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("LORAFIT_DEBUG", "") not in ("", "0")
     try:
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as e:  # --help (0) or a bad flag (2, its message already printed)
             return e.code if isinstance(e.code, int) else 2
+        args.process_entry = argv_given is None  # this process is the command: it may start itself again
         return args.func(args)
     except LorafitError as e:
         if debug:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorafit import fastpath
+from lorafit import allocator, fastpath
 from lorafit.config import TrainConfig
 from lorafit.data import Encoded, batch_order, collate
 from lorafit.distributed import (
@@ -76,7 +76,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # process takes every physical core: hyper-threads share a core's matrix units and only contend.
     if cfg.num_threads or accelerator.num_processes == 1:
         torch.set_num_threads(cfg.num_threads or physical_cores())
-    reuse_memory = cfg.reuse_memory and device.type == "cpu" and fastpath.reuse_freed_memory()
+    malloc = allocator.check_loaded(cfg.allocator)
+    # glibc's tunables: another allocator keeps freed memory by itself.
+    reuse_memory = cfg.reuse_memory and device.type == "cpu" and malloc == "system" and fastpath.reuse_freed_memory()
     accelerator.print(f"lorafit: {describe(accelerator, cfg.batch_size, cfg.grad_accum)}")
     check_supported(accelerator, cfg.grad_accum)
     set_seed(cfg.seed)
@@ -176,7 +178,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     summary.update(precision=precision, compile_seconds=round(shapes.seconds, 2), speed={
         "frozen_bf16": frozen_bf16, "compile": cfg.compile, "length_buckets": list(buckets) if buckets else None,
         "fused_optimizer": cfg.fused_optimizer, "fast_dropout": cfg.fast_dropout,
-        "reuse_memory": reuse_memory,
+        "reuse_memory": reuse_memory, "allocator": malloc,
         "attention": getattr(accelerator.unwrap_model(model).config, "_attn_implementation", None)})
     if accelerator.is_main_process:
         run.write_summary(summary)

@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from lorafit import allocator
 from lorafit.cli import main
 
 TINY = ["--task", "rte", "--max-train-samples", "16", "--max-eval-samples", "8", "--batch-size", "8",
@@ -21,11 +22,12 @@ LORAFIT_FIELDS = TRAIN_FIELDS | {"speed"}
 def test_a_variant_side_trains_that_variant_and_is_compared_with_plain_lora(tmp_path):
     out = tmp_path / "bench.jsonl"
     assert main(["bench", "train", *TINY, "--no-peak", "--sides",
-                 "lorafit@fp32,lorafit@fp32+dora,lorafit@fp32+fast_dropout+reuse_memory", "--output", str(out)]) == 0
+                 "lorafit@fp32,lorafit@fp32+dora,lorafit@fp32+fast_dropout+reuse_memory-tcmalloc", "--output", str(out)]) == 0
     records = _records(out)
     plain, dora, fast = (next(r for r in records if r["kind"] == "measurement" and r["side"] == s)
-                         for s in ("lorafit@fp32", "lorafit@fp32+dora", "lorafit@fp32+fast_dropout+reuse_memory"))
-    # Each measurement records the speed settings its label stood for, defaults included.
+                         for s in ("lorafit@fp32", "lorafit@fp32+dora", "lorafit@fp32+fast_dropout+reuse_memory-tcmalloc"))
+    # Each measurement records the speed settings its label stood for, defaults included
+    # (reused memory is glibc's: the third side leaves tcmalloc, where installed, to have it).
     assert (plain["speed"]["fast_dropout"], plain["speed"]["reuse_memory"]) == (False, False)
     assert (fast["speed"]["fast_dropout"], fast["speed"]["reuse_memory"]) == (True, True)
     # DoRA trains one magnitude per output row of each adapted layer on top of A and B: MiniLM's
@@ -57,6 +59,11 @@ def test_train_bench_runs_both_sides_and_computes_the_ratio(tmp_path, capsys):
         assert r["settings"]["batch_size"] == 8 and r["settings"]["threads"] == 1
         env = r["environment"]
         assert env["threads"] == 1 and "amx_bf16" in env["cpu_flags"] and env["versions"]["peft"]
+    # lorafit's worker runs on its default allocator (tcmalloc where installed), the baseline's
+    # on the system's, as each runs for a user; the record says which.
+    lora, base = runs
+    assert lora["environment"]["allocator"] == lora["speed"]["allocator"] == allocator.resolve("auto", "cpu")
+    assert base["environment"]["allocator"] == "system"
     (ratio,) = [r for r in records if r["kind"] == "ratio"]
     assert ratio["speedup"] == pytest.approx(runs[0]["examples_per_second"] / runs[1]["examples_per_second"])
     assert ratio["dev_metric_difference"] == pytest.approx(runs[0]["dev_metric"] - runs[1]["dev_metric"])

@@ -24,6 +24,28 @@ def test_side_specs_parse_precision_and_switches():
     assert Side.parse("peft@bf16+group_by_length") == Side("peft", "bf16", (("group_by_length", True),))
 
 
+def test_a_side_names_its_allocator_and_its_worker_gets_that_one_alone(tmp_path, monkeypatch):
+    from lorafit import allocator
+    from lorafit.bench.runner import worker_env
+    from lorafit.bench.spec import Workload, lorafit_config
+
+    assert Side.parse("lorafit").allocator == "auto" and Side.parse("peft@bf16").allocator == "system"
+    assert Side.parse("peft@bf16+tcmalloc").allocator == "tcmalloc"
+    assert Side.parse("lorafit-tcmalloc").allocator == "system"
+    assert Side.parse("lorafit+jemalloc").label == "lorafit+jemalloc"
+    assert lorafit_config(Workload(), Side.parse("lorafit-tcmalloc"), str(tmp_path)).allocator == "system"
+    assert lorafit_config(Workload(), Side.parse("lorafit"), str(tmp_path)).allocator == "auto"
+    # An allocator preloaded in the bench's own environment does not leak into a side's worker;
+    # other preloaded libraries do pass on.
+    monkeypatch.setattr(allocator, "library", lambda name: f"/lib/lib{allocator.LIBRARIES[name][0]}.so.9")
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libjemalloc.so.2:/opt/libother.so")
+    assert worker_env(2, Side.parse("peft@bf16"), "cpu")["LD_PRELOAD"] == "/opt/libother.so"
+    env = worker_env(2, Side.parse("peft@bf16+tcmalloc"), "cpu")
+    assert env["LD_PRELOAD"] == "/lib/libtcmalloc_minimal.so.9:/opt/libother.so" and env["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libjemalloc.so.2")
+    assert "LD_PRELOAD" not in worker_env(1, Side.parse("lorafit-tcmalloc"), "cpu")
+
+
 def test_a_variant_side_sets_that_variants_config_fields(tmp_path):
     from lorafit.bench.spec import Workload, lorafit_config
 
@@ -70,6 +92,7 @@ def test_environment_records_cpu_flags_threads_and_versions():
     env = environment("cpu")
     assert set(env["cpu_flags"]) >= {"amx_bf16", "avx512_bf16"}
     assert env["threads"] >= 1 and 1 <= physical_cores() <= (env["logical_cpus"] or 1)
+    assert env["allocator"] == "system"  # pytest's process runs on the system's malloc
     assert env["versions"]["torch"] and env["versions"]["lorafit"]
 
 

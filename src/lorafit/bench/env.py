@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from lorafit.allocator import active as active_allocator
+
 # CPU flags (as /proc/cpuinfo spells them) that decide how fast bf16 matmuls can run.
 MATRIX_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
 VERSIONED = ("torch", "transformers", "accelerate", "peft", "lorafit")
@@ -83,6 +85,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "physical_cores": physical_cores(),
         "threads": torch.get_num_threads(),
+        "allocator": active_allocator(),
         "platform": sys.platform,
         "versions": versions(),
     }

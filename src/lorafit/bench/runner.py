@@ -27,14 +27,32 @@ INFER_VARIANTS = ("base", "unmerged", "merged")
 MEMORY_VARIANTS = ("lora", "full")
 
 
+def worker_env(threads: int, side: Side, device: str) -> dict[str, str]:
+    """A worker's environment: its thread count and its side's allocator, set before Python starts.
+
+    The thread pools are sized before torch starts, so both sides get the same count. An
+    allocator preloaded in the bench's own environment is not passed on: each side gets the one
+    it names (see :class:`lorafit.bench.spec.Side`).
+    """
+    from lorafit import allocator
+
+    preload = [p for p in os.environ.get("LD_PRELOAD", "").split(os.pathsep) if p and not allocator.allocator_of(p)]
+    chosen = allocator.resolve(side.allocator, "cuda" if device.startswith("cuda") else "cpu")
+    if chosen != "system":
+        preload.insert(0, allocator.library(chosen))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "LD_PRELOAD": os.pathsep.join(preload)}
+    if not preload:
+        del env["LD_PRELOAD"]
+    return env
+
+
 def run_worker(spec: dict[str, Any], threads: int) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter and return its result."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_file.write_text(json.dumps(spec), encoding="utf-8")
-        # The thread pools are sized before torch starts, so both sides get the same count.
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "TOKENIZERS_PARALLELISM": "false"}
+        env = worker_env(threads, Side(**spec["side"]), spec["work"]["device"])
         proc = subprocess.run([sys.executable, "-m", "lorafit.bench.worker", str(spec_file), str(out_file)],
                               check=False, env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not out_file.exists():

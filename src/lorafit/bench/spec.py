@@ -30,7 +30,11 @@ LORAFIT_SWITCHES = ("compile", "fast_dropout", "frozen_bf16", "fused_optimizer",
 # keeps the Trainer's defaults has it), so a comparison can also show the baseline with padding
 # cut the way lorafit cuts it (``peft@bf16+group_by_length``).
 PEFT_SWITCHES = ("group_by_length",)
-SWITCHES = {"lorafit": LORAFIT_SWITCHES, "peft": PEFT_SWITCHES}
+# The process's malloc (lorafit.allocator), for either side: ``peft@bf16+tcmalloc`` runs the
+# baseline on tcmalloc, ``lorafit-tcmalloc`` runs lorafit on the system's allocator. Unnamed,
+# lorafit gets its default (``auto``) and the baseline the system's, as each would run for a user.
+ALLOCATOR_SWITCHES = ("tcmalloc", "jemalloc")
+SWITCHES = {"lorafit": LORAFIT_SWITCHES + ALLOCATOR_SWITCHES, "peft": PEFT_SWITCHES + ALLOCATOR_SWITCHES}
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,15 @@ class Side:
     def variant(self) -> str | None:
         """The LoRA variant this side turns on (``dora``, ...), None for plain LoRA."""
         return next((name for name, on in self.options if name in VARIANT_SWITCHES and on), None)
+
+    @property
+    def allocator(self) -> str:
+        """The ``--allocator`` this side runs on, before :func:`lorafit.allocator.resolve`."""
+        named = [(name, on) for name, on in self.options if name in ALLOCATOR_SWITCHES]
+        if not named:
+            return "auto" if self.impl == "lorafit" else "system"
+        name, on = named[-1]
+        return name if on else "system"
 
     @property
     def label(self) -> str:
@@ -129,6 +142,8 @@ def lorafit_config(work: Workload, side: Side, output_dir: str, **overrides: Any
     if side.precision:
         values["precision"] = side.precision
     for name, on in side.options:
-        values.update(VARIANT_SWITCHES.get(name, {name: on}))
+        if name not in ALLOCATOR_SWITCHES:
+            values.update(VARIANT_SWITCHES.get(name, {name: on}))
+    values["allocator"] = side.allocator
     values.update(overrides)
     return make_config(**values)

@@ -152,6 +152,10 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
     from lorafit.sweep.runner import run_sweep
 
     grid = grid_from_args(args)
+    if args.process_entry:  # every cell runs in this process or in workers it starts
+        from lorafit.cli import relaunch_on_allocator
+
+        relaunch_on_allocator(grid.base.get("allocator", "auto"), grid.base.get("device", "auto"))
     try:
         run_sweep(grid, overwrite=args.overwrite, jobs=args.jobs)
     except KeyboardInterrupt:

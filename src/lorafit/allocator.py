@@ -1,0 +1,105 @@
+"""Which ``malloc`` the process runs on, and starting ``lorafit`` again on a faster one.
+
+On the CPU a training step allocates and frees the same activations, of a different size for
+every batch width, thousands of times a second. glibc's ``malloc`` serves them from a heap that
+fragments as the widths vary: on the 2-core machines here the same MRPC batches step 10% slower
+after one pass over all of MRPC's widths than before it, and whole runs are about 30% slower
+than on tcmalloc (docs/performance.md). PyTorch's CPU performance guide recommends preloading
+tcmalloc or jemalloc for this reason; ``torch.backends.xeon.run_cpu`` does it as a launcher.
+
+An allocator can only be chosen before the process starts (``LD_PRELOAD``): loading one later
+would free glibc's blocks with another allocator. So the ``lorafit`` command starts itself again,
+with the same arguments and the same process id (``exec``), with the library preloaded; library
+code only reads which allocator is loaded. We do not reuse ``run_cpu`` because it looks only for
+the unversioned ``libtcmalloc.so`` of a development package, and also pins threads and cores.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lorafit.errors import LorafitError
+
+# The libraries each allocator ships as, in order of preference: the ldconfig names that
+# ctypes.util.find_library resolves (tcmalloc_minimal has no heap profiler, which we do not use).
+LIBRARIES: dict[str, tuple[str, ...]] = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
+INSTALL = {"tcmalloc": "Debian/Ubuntu: apt install libtcmalloc-minimal4; conda: conda install gperftools",
+           "jemalloc": "Debian/Ubuntu: apt install libjemalloc2; conda: conda install jemalloc"}
+# Set in the environment of the process lorafit started again, so it never loops.
+_RELAUNCHED = "LORAFIT_ALLOCATOR_RELAUNCHED"
+
+
+def active() -> str:
+    """The allocator this process runs on: ``tcmalloc``, ``jemalloc`` or ``system``."""
+    try:
+        maps = Path("/proc/self/maps").read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux: nothing was preloaded by lorafit
+        return "system"
+    loaded = {allocator_of(line.split()[-1]) for line in maps.splitlines() if ".so" in line}
+    return next((a for a in LIBRARIES if a in loaded), "system")
+
+
+def allocator_of(path: str) -> str | None:
+    """The allocator whose library ``path`` is (``/usr/lib/libjemalloc.so.2``: ``jemalloc``), or None."""
+    name = Path(path).name
+    return next((a for a, libs in LIBRARIES.items() if any(name.startswith(f"lib{lib}.so") for lib in libs)), None)
+
+
+def library(allocator: str) -> str | None:
+    """The shared library of ``allocator`` installed on this machine, or None."""
+    for name in LIBRARIES[allocator]:
+        found = ctypes.util.find_library(name)
+        if found:
+            return found
+    return None
+
+
+def resolve(requested: str, device_type: str = "cpu") -> str:
+    """What ``requested`` (``auto``, ``system``, ``tcmalloc``, ``jemalloc``) means here.
+
+    ``auto`` is tcmalloc on a Linux CPU run where it is installed (measured faster there), else the
+    system's allocator; a named allocator that is not installed is an error naming the package.
+    """
+    if requested == "auto":
+        use = device_type == "cpu" and sys.platform.startswith("linux") and library("tcmalloc") is not None
+        return "tcmalloc" if use else "system"
+    if requested != "system" and library(requested) is None:
+        raise LorafitError(f"--allocator {requested}: its library (lib{LIBRARIES[requested][0]}.so) is not "
+                           f"installed ({INSTALL[requested]}), or use --allocator system")
+    return requested
+
+
+def relaunch(allocator: str, argv: Sequence[str]) -> None:
+    """Start ``lorafit argv`` again in this process on ``allocator`` unless it already runs on it.
+
+    Returns only when nothing needs to change (or a relaunch already happened and the library
+    did not load, in which case the run goes on and records the allocator it got).
+    """
+    if allocator == "system" or active() == allocator or os.environ.get(_RELAUNCHED):
+        return
+    path = library(allocator)
+    if path is None:  # resolve() said it is installed; a race with a package removal
+        return
+    preload = os.pathsep.join(p for p in (path, os.environ.get("LD_PRELOAD", "")) if p)
+    env = {**os.environ, "LD_PRELOAD": preload, _RELAUNCHED: allocator}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "lorafit", *argv], env)
+
+
+def check_loaded(requested: str) -> str:
+    """The allocator a run in this process gets, after checking that ``requested`` is it.
+
+    For library callers (``lorafit.train.train``): the command line relaunches itself first, but
+    a Python process cannot change its allocator any more.
+    """
+    got = active()
+    if requested not in ("auto", "system", got):
+        hint = library(requested) or f"lib{LIBRARIES[requested][0]}.so"
+        raise LorafitError(f"allocator: {requested} is not loaded in this process; it must be preloaded when "
+                           f"Python starts (LD_PRELOAD={hint}), which the lorafit command does itself")
+    return got

@@ -1,0 +1,121 @@
+"""The process's allocator: which one is loaded, what ``--allocator`` resolves to, and the
+``lorafit`` command starting itself again on it (``lorafit.allocator``).
+
+The relaunch needs tcmalloc installed; ``.ci/run`` installs it where apt can, and elsewhere the
+tests that need it are skipped.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lorafit import allocator
+from lorafit.config import make_config
+from lorafit.errors import LorafitError
+
+TCMALLOC = allocator.library("tcmalloc")
+needs_tcmalloc = pytest.mark.skipif(TCMALLOC is None or not sys.platform.startswith("linux"),
+                                    reason="tcmalloc is not installed (apt install libtcmalloc-minimal4)")
+SMALL = ["--task", "rte", "--max-train-samples", "16", "--max-eval-samples", "8", "--batch-size", "8",
+         "--max-length", "32", "--max-steps", "1", "--num-threads", "1", "--no-progress"]
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "LORAFIT_ALLOCATOR_RELAUNCHED")}
+    return {**env, **extra}
+
+
+def _active_in_child(**env: str) -> str:
+    code = "from lorafit.allocator import active; print(active())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env=_clean_env(**env)).stdout.strip()
+
+
+def test_a_library_path_names_its_allocator():
+    assert allocator.allocator_of("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4") == "tcmalloc"
+    assert allocator.allocator_of("libtcmalloc.so.4.5") == "tcmalloc"
+    assert allocator.allocator_of("/opt/lib/libjemalloc.so.2") == "jemalloc"
+    assert allocator.allocator_of("/usr/lib/libc.so.6") is None
+    assert allocator.allocator_of("/usr/lib/libtcmalloc_debugger.so") is None  # not lib{name}.so
+
+
+@needs_tcmalloc
+def test_active_reports_the_preloaded_allocator_and_otherwise_the_systems():
+    assert _active_in_child() == "system"
+    assert _active_in_child(LD_PRELOAD=TCMALLOC) == "tcmalloc"
+
+
+def test_auto_is_tcmalloc_on_a_linux_cpu_where_installed_and_the_systems_elsewhere(monkeypatch):
+    expected = "tcmalloc" if TCMALLOC and sys.platform.startswith("linux") else "system"
+    assert allocator.resolve("auto", "cpu") == expected
+    assert allocator.resolve("auto", "cuda") == "system"  # not measured on a GPU host
+    assert allocator.resolve("system", "cpu") == "system"
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert allocator.resolve("auto", "cpu") == "system"
+
+
+def test_an_allocator_that_is_not_installed_is_one_error_naming_the_flag_and_the_package(monkeypatch):
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    with pytest.raises(LorafitError, match=r"--allocator jemalloc: .*libjemalloc\.so.*apt install libjemalloc2"):
+        allocator.resolve("jemalloc", "cpu")
+
+
+def test_a_library_caller_asking_for_an_allocator_the_process_lacks_is_refused_before_any_write(tmp_path):
+    from lorafit.train import train
+
+    assert allocator.active() == "system"  # pytest runs on the system's malloc
+    cfg = make_config(task="rte", max_train_samples=16, max_eval_samples=8, batch_size=8, max_length=32,
+                      max_steps=1, progress=False, num_threads=1, allocator="tcmalloc",
+                      output_dir=str(tmp_path / "run"))
+    with pytest.raises(LorafitError, match="allocator: tcmalloc is not loaded in this process.*LD_PRELOAD="):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    # "auto" asks for nothing a library caller cannot have: the run records what it got.
+    summary = train(cfg.replace(allocator="auto"))
+    assert summary["speed"]["allocator"] == "system"
+
+
+def _train_cli(tmp_path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "lorafit", "train", *SMALL, "--output-dir", str(out), *flags],
+                          capture_output=True, text=True, env=_clean_env(), check=False)
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    return proc, summary
+
+
+@needs_tcmalloc
+def test_the_command_starts_itself_again_on_tcmalloc_by_default_and_keeps_its_output(tmp_path):
+    proc, summary = _train_cli(tmp_path / "auto")
+    assert proc.returncode == 0, proc.stderr
+    assert summary["speed"]["allocator"] == "tcmalloc"
+    assert proc.stdout.count("adapter saved to") == 1  # one run: the first process printed nothing of its own
+    proc, summary = _train_cli(tmp_path / "system", "--allocator", "system")
+    assert proc.returncode == 0, proc.stderr
+    assert summary["speed"]["allocator"] == "system"
+
+
+@needs_tcmalloc
+def test_a_sweep_starts_itself_again_so_its_cells_run_on_tcmalloc(tmp_path):
+    out = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "lorafit", "sweep", *SMALL, "--ranks", "2,4", "--output-dir", str(out)],
+                          capture_output=True, text=True, env=_clean_env(), check=False)
+    assert proc.returncode == 0, proc.stderr
+    summaries = sorted(out.glob("**/summary.json"))
+    assert len(summaries) == 2
+    assert {json.loads(p.read_text())["speed"]["allocator"] for p in summaries} == {"tcmalloc"}
+
+
+def test_the_command_names_a_missing_allocator_in_one_line_with_exit_2(tmp_path, monkeypatch, capsys):
+    from lorafit.cli import main
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert main(["train", *SMALL, "--output-dir", str(tmp_path / "run"), "--allocator", "jemalloc"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lorafit: error: allocator: jemalloc is not loaded") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
