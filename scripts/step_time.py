@@ -14,7 +14,8 @@ evaluation and batches of other widths. Settings: ``plain`` (lorafit's defaults)
 ``fast_dropout`` (``--fast-dropout``), each optionally with a part of the model taken out to see
 what it costs (``fast_dropout-attention``, ``plain-gelu``, ``fast_dropout-layernorm``; see
 ``lorafit.bench.step.remove_part``). ``--reuse-memory`` turns the process-wide setting of that
-name on for all (off by default, as in ``lorafit train``).
+name on for all (off by default, as in ``lorafit train``). The script runs on the allocator it
+is started with: ``LD_PRELOAD=libtcmalloc_minimal.so.4`` for tcmalloc, as ``lorafit train`` uses.
 
     PYTHONPATH=src python scripts/step_time.py --reuse-memory \
         --settings fast_dropout,fast_dropout-attention,fast_dropout-gelu,fast_dropout-layernorm
@@ -94,7 +95,9 @@ def main() -> None:
               f"  {first / median:.2f}x {settings[0]}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        name = f"{args.task}-b{args.batch_size}-step-time{'-reuse-memory' if reuse else ''}.json"
+        malloc = result["environment"]["allocator"]  # LD_PRELOAD=libtcmalloc_minimal.so.4 to time tcmalloc
+        name = (f"{args.task}-b{args.batch_size}-step-time{'-reuse-memory' if reuse else ''}"
+                f"{'' if malloc == 'system' else '-' + malloc}.json")
         (Path(args.out) / name).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 
 

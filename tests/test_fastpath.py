@@ -157,6 +157,40 @@ def test_fast_attention_is_softmax_attention_with_the_fast_dropout_mask():
     assert torch.equal(fastpath.fast_attention(layer, q, k, v2, keep, scaling=0.3, dropout=0.25)[0], out)
 
 
+def test_the_boolean_mask_is_added_once_a_pass_and_gives_masked_fills_values_and_gradients_bit_for_bit():
+    layer = _tiny_encoder("bert").bert.encoder.layer[0].attention.self.train()
+    keep = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    keep[1, ..., 3:] = False  # key padding, the only masking an encoder's batches have
+
+    def attend(masked_fill: bool):
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(2, 4, 5, 8, requires_grad=True) for _ in range(3))
+        torch.manual_seed(7)
+        if masked_fill:  # the formulation the addend replaced
+            scores = (q @ k.transpose(-1, -2)).float().mul_(0.3)
+            scores = scores.masked_fill(~keep, torch.finfo(torch.float32).min)
+            out = (fastpath.fast_dropout(torch.softmax(scores, dim=-1), 0.25) @ v).transpose(1, 2).contiguous()
+        else:
+            out, _ = fastpath.fast_attention(layer, q, k, v, keep, scaling=0.3, dropout=0.25)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).view(out.shape).sin())
+        return out, q.grad, k.grad, v.grad
+
+    for ours, reference in zip(attend(False), attend(True)):
+        assert torch.equal(ours, reference)
+    # A query row with every key masked gets uniform weights, as in eager attention, not NaN.
+    none = torch.zeros(1, 1, 5, 5, dtype=torch.bool)
+    q, k, v = torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 8)
+    out, _ = fastpath.fast_attention(layer, q, k, v, none, scaling=0.3, dropout=1e-9)
+    torch.testing.assert_close(out, v.mean(dim=2, keepdim=True).expand(1, 4, 5, 8).transpose(1, 2))
+    # One conversion for the mask every layer of a forward pass shares; a new mask gets its own.
+    addend = fastpath._additive_mask(keep)
+    assert fastpath._additive_mask(keep) is addend and addend.dtype == torch.float32
+    assert torch.equal(addend == 0, keep)
+    other = keep.clone()
+    other[0, ..., 0] = False
+    assert torch.equal(fastpath._additive_mask(other) == 0, other)
+
+
 def test_fast_attention_is_sdpa_itself_outside_training_with_dropout():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
