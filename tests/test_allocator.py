@@ -45,6 +45,14 @@ def test_a_library_path_names_its_allocator():
     assert allocator.allocator_of("/usr/lib/libtcmalloc_debugger.so") is None  # not lib{name}.so
 
 
+def test_a_preload_keeps_other_libraries_and_one_allocator_only(monkeypatch):
+    monkeypatch.setattr(allocator, "library", lambda name: f"/lib/lib{allocator.LIBRARIES[name][0]}.so.9")
+    assert allocator.preload("tcmalloc", "/opt/libjemalloc.so.2:/opt/libother.so") == (
+        "/lib/libtcmalloc_minimal.so.9:/opt/libother.so")
+    assert allocator.preload("system", "/opt/libjemalloc.so.2:/opt/libother.so") == "/opt/libother.so"
+    assert allocator.preload("system", "") == ""
+
+
 @needs_tcmalloc
 def test_active_reports_the_preloaded_allocator_and_otherwise_the_systems():
     assert _active_in_child() == "system"

@@ -73,6 +73,14 @@ def resolve(requested: str, device_type: str = "cpu") -> str:
     return requested
 
 
+def preload(allocator: str, current: str = "") -> str:
+    """``LD_PRELOAD`` for a process on ``allocator``: ``current`` without any allocator library,
+    and ``allocator``'s library first unless it is the system's (two allocators must not mix)."""
+    kept = [p for p in current.split(os.pathsep) if p and not allocator_of(p)]
+    path = None if allocator == "system" else library(allocator)
+    return os.pathsep.join([path, *kept] if path else kept)
+
+
 def relaunch(allocator: str, argv: Sequence[str]) -> None:
     """Start ``lorafit argv`` again in this process on ``allocator`` unless it already runs on it.
 
@@ -81,11 +89,9 @@ def relaunch(allocator: str, argv: Sequence[str]) -> None:
     """
     if allocator == "system" or active() == allocator or os.environ.get(_RELAUNCHED):
         return
-    path = library(allocator)
-    if path is None:  # resolve() said it is installed; a race with a package removal
+    if library(allocator) is None:  # resolve() said it is installed; a race with a package removal
         return
-    preload = os.pathsep.join(p for p in (path, os.environ.get("LD_PRELOAD", "")) if p)
-    env = {**os.environ, "LD_PRELOAD": preload, _RELAUNCHED: allocator}
+    env = {**os.environ, "LD_PRELOAD": preload(allocator, os.environ.get("LD_PRELOAD", "")), _RELAUNCHED: allocator}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "lorafit", *argv], env)

@@ -36,13 +36,10 @@ def worker_env(threads: int, side: Side, device: str) -> dict[str, str]:
     """
     from lorafit import allocator
 
-    preload = [p for p in os.environ.get("LD_PRELOAD", "").split(os.pathsep) if p and not allocator.allocator_of(p)]
     chosen = allocator.resolve(side.allocator, "cuda" if device.startswith("cuda") else "cpu")
-    if chosen != "system":
-        preload.insert(0, allocator.library(chosen))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "LD_PRELOAD": os.pathsep.join(preload)}
-    if not preload:
+           "TOKENIZERS_PARALLELISM": "false", "LD_PRELOAD": allocator.preload(chosen, os.environ.get("LD_PRELOAD", ""))}
+    if not env["LD_PRELOAD"]:
         del env["LD_PRELOAD"]
     return env
 
