@@ -3,8 +3,8 @@
 On the CPU a training step allocates and frees the same activations, of a different size for
 every batch width, thousands of times a second. glibc's ``malloc`` serves them from a heap that
 fragments as the widths vary: on the 2-core machines here the same MRPC batches step 10% slower
-after one pass over all of MRPC's widths than before it, and whole runs are about 30% slower
-than on tcmalloc (docs/performance.md). PyTorch's CPU performance guide recommends preloading
+after one pass over all of MRPC's widths than before it, and whole MRPC runs train 1.25x as
+fast on tcmalloc (docs/performance.md). PyTorch's CPU performance guide recommends preloading
 tcmalloc or jemalloc for this reason; ``torch.backends.xeon.run_cpu`` does it as a launcher.
 
 An allocator can only be chosen before the process starts (``LD_PRELOAD``): loading one later
@@ -44,7 +44,7 @@ def active() -> str:
 
 
 def allocator_of(path: str) -> str | None:
-    """The allocator whose library ``path`` is (``/usr/lib/libjemalloc.so.2``: ``jemalloc``), or None."""
+    """The allocator whose library ``path`` is (``.../libjemalloc.so.2``: ``jemalloc``), or None."""
     name = Path(path).name
     return next((a for a, libs in LIBRARIES.items() if any(name.startswith(f"lib{lib}.so") for lib in libs)), None)
 
@@ -95,6 +95,14 @@ def relaunch(allocator: str, argv: Sequence[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "lorafit", *argv], env)
+
+
+def relaunch_as_asked(requested: str, device_type: str) -> None:
+    """The command line's part of ``--allocator``: start the running ``lorafit`` command again on
+    the allocator ``requested`` resolves to for a run on ``device_type`` (``cpu``, ``cuda``),
+    before it does any work. Only the process's own entry point may call this: it replaces the
+    process."""
+    relaunch(resolve(requested, device_type), sys.argv[1:])
 
 
 def check_loaded(requested: str) -> str:

@@ -84,7 +84,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     cfg = make_config(args.recipe, **overrides)
     if args.process_entry:
-        relaunch_on_allocator(cfg.allocator, cfg.device)
+        from lorafit.allocator import relaunch_as_asked
+        from lorafit.fastpath import resolve_device
+
+        relaunch_as_asked(cfg.allocator, resolve_device(cfg.device).type)
     summary = train_seeds(cfg)
     if not is_main_process():  # under torchrun / accelerate launch, one process reports
         return 0
@@ -102,15 +105,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = run / ("adapter" if cfg.method == "lora" else "model")
     print(f"{'adapter' if cfg.method == 'lora' else 'model'} saved to {saved}")
     return 0
-
-
-def relaunch_on_allocator(requested: str, device: str) -> None:
-    """Start this command again on the ``--allocator`` asked for unless the process runs on it
-    already (see :mod:`lorafit.allocator`): only the command line can, before it does any work."""
-    from lorafit import allocator
-    from lorafit.fastpath import resolve_device
-
-    allocator.relaunch(allocator.resolve(requested, resolve_device(device).type), sys.argv[1:])
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

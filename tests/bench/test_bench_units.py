@@ -37,12 +37,12 @@ def test_a_side_names_its_allocator_and_its_worker_gets_that_one_alone(tmp_path,
     assert lorafit_config(Workload(), Side.parse("lorafit"), str(tmp_path)).allocator == "auto"
     # An allocator preloaded in the bench's own environment does not leak into a side's worker;
     # other preloaded libraries do pass on.
-    monkeypatch.setattr(allocator, "library", lambda name: f"/lib/lib{allocator.LIBRARIES[name][0]}.so.9")
-    monkeypatch.setenv("LD_PRELOAD", "/opt/libjemalloc.so.2:/opt/libother.so")
-    assert worker_env(2, Side.parse("peft@bf16"), "cpu")["LD_PRELOAD"] == "/opt/libother.so"
+    monkeypatch.setattr(allocator, "library", lambda name: f"lib/lib{allocator.LIBRARIES[name][0]}.so.9")
+    monkeypatch.setenv("LD_PRELOAD", "vendor/libjemalloc.so.2:vendor/libother.so")
+    assert worker_env(2, Side.parse("peft@bf16"), "cpu")["LD_PRELOAD"] == "vendor/libother.so"
     env = worker_env(2, Side.parse("peft@bf16+tcmalloc"), "cpu")
-    assert env["LD_PRELOAD"] == "/lib/libtcmalloc_minimal.so.9:/opt/libother.so" and env["OMP_NUM_THREADS"] == "2"
-    monkeypatch.setenv("LD_PRELOAD", "/opt/libjemalloc.so.2")
+    assert env["LD_PRELOAD"] == "lib/libtcmalloc_minimal.so.9:vendor/libother.so" and env["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("LD_PRELOAD", "vendor/libjemalloc.so.2")
     assert "LD_PRELOAD" not in worker_env(1, Side.parse("lorafit-tcmalloc"), "cpu")
 
 
