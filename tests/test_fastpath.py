@@ -85,6 +85,19 @@ def test_fast_dropout_drops_p_of_the_elements_unbiased(p, dtype):
     assert y.dtype == dtype and y.float().mean().item() == pytest.approx(1.0, abs=0.01)
 
 
+def test_fast_dropout_mask_is_the_documented_function_of_one_draw():
+    # The stream is part of a run's record: runs made with --fast-dropout repeat only while each
+    # element's fate stays "its 16-bit SFC64 word >= threshold", seeded by one int64 draw.
+    x = torch.randn(5, 7, 11)
+    torch.manual_seed(7)
+    y = fastpath.fast_dropout(x, 0.1)
+    torch.manual_seed(7)
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    words = np.random.SFC64(seed).random_raw((x.numel() + 3) // 4).view(np.int16)[: x.numel()].astype(np.int64)
+    keep = torch.from_numpy(words >= round(0.1 * 65536) - 32768).view(x.shape)
+    assert torch.equal(y, torch.where(keep, x * (65536 / (65536 - round(0.1 * 65536))), 0.0))
+
+
 def test_fast_dropout_draws_from_the_default_generator_and_backpropagates_through_its_mask():
     x = torch.randn(6, 7, requires_grad=True)
     torch.manual_seed(3)

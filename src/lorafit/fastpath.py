@@ -232,14 +232,16 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     Why not torch alone: on the 2-core machines here, for attention probabilities of 16 x 12 x
     53 x 53, ``random_()`` takes 390 us where SFC64 fills the same words in 195 us, and
     multiplying by a bool mask takes 320 us where the same mask viewed as uint8 takes 130 us
-    (bool operands leave PyTorch's vectorised CPU kernels). Seeding costs about 6 us a call.
+    (bool operands leave PyTorch's vectorised CPU kernels). Seeding costs about 6 us a call. The
+    words are compared with the threshold in NumPy: 12 us for an 848 x 384 activation, where
+    PyTorch's ``>=`` on int16 takes 71 us on 2 threads; the mask is the same.
     """
     if p >= 1.0:
         return x * 0.0
     drop = round(p * 65536)  # of 65536
     seed = int(torch.empty((), dtype=torch.int64).random_())
     words = np.random.SFC64(seed).random_raw((x.numel() + 3) // 4).view(np.int16)[: x.numel()]
-    keep = torch.from_numpy(words).view(x.shape) >= drop - 32768
+    keep = torch.from_numpy(np.greater_equal(words, drop - 32768)).view(x.shape)  # numpy's compare: 6x torch's
     return (x * keep.view(torch.uint8)).mul_(65536 / (65536 - drop))
 
 
