@@ -241,7 +241,7 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     drop = round(p * 65536)  # of 65536
     seed = int(torch.empty((), dtype=torch.int64).random_())
     words = np.random.SFC64(seed).random_raw((x.numel() + 3) // 4).view(np.int16)[: x.numel()]
-    keep = torch.from_numpy(np.greater_equal(words, drop - 32768)).view(x.shape)  # numpy's compare: 6x torch's
+    keep = torch.from_numpy(np.greater_equal(words, drop - 32768)).view(x.shape)
     return (x * keep.view(torch.uint8)).mul_(65536 / (65536 - drop))
 
 
