@@ -97,14 +97,12 @@ def relaunch(allocator: str, argv: Sequence[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "lorafit", *argv], env)
 
 
-def relaunch_as_asked(requested: str, device: str) -> None:
+def relaunch_as_asked(requested: str, device_type: str) -> None:
     """The command line's part of ``--allocator``: start the running ``lorafit`` command again on
-    the allocator ``requested`` resolves to for a run on ``device`` (``--device``: ``auto``,
-    ``cpu``, ``cuda``), before it does any work. Only the process's own entry point may call
-    this: it replaces the process."""
-    from lorafit.fastpath import resolve_device  # imports torch, which this module does not need
-
-    relaunch(resolve(requested, resolve_device(device).type), sys.argv[1:])
+    the allocator ``requested`` resolves to for a run on ``device_type`` (``cpu``, ``cuda``),
+    before it does any work. Only the process's own entry point may call this: it replaces the
+    process."""
+    relaunch(resolve(requested, device_type), sys.argv[1:])
 
 
 def check_loaded(requested: str) -> str:

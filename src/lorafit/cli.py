@@ -85,8 +85,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = make_config(args.recipe, **overrides)
     if args.process_entry:
         from lorafit.allocator import relaunch_as_asked
+        from lorafit.fastpath import resolve_device
 
-        relaunch_as_asked(cfg.allocator, cfg.device)
+        relaunch_as_asked(cfg.allocator, resolve_device(cfg.device).type)
     summary = train_seeds(cfg)
     if not is_main_process():  # under torchrun / accelerate launch, one process reports
         return 0

@@ -154,8 +154,9 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
     grid = grid_from_args(args)
     if args.process_entry:  # every cell runs in this process or in workers it starts
         from lorafit.allocator import relaunch_as_asked
+        from lorafit.fastpath import resolve_device
 
-        relaunch_as_asked(grid.base.get("allocator", "auto"), grid.base.get("device", "auto"))
+        relaunch_as_asked(grid.base.get("allocator", "auto"), resolve_device(grid.base.get("device", "auto")).type)
     try:
         run_sweep(grid, overwrite=args.overwrite, jobs=args.jobs)
     except KeyboardInterrupt:
