@@ -31,7 +31,7 @@ def typical_batches(cfg: Any, data: Any) -> tuple[list[np.ndarray], int]:
     return [b for b, w in zip(order, widths) if w == width and len(b) == cfg.batch_size], width
 
 
-PARTS = ("attention", "gelu", "layernorm")
+PARTS = ("attention", "gelu", "layernorm", "dropout")
 _VALUES_ONLY = "lorafit_values_only"  # the attention function remove_part registers
 
 
@@ -41,7 +41,9 @@ def remove_part(model: nn.Module, part: str) -> int:
     ``attention``: each layer's attention returns its values unmixed (no products, softmax or
     dropout, and no gradient reaches the query and key projections); ``gelu``: the feed-forward
     activation becomes the identity; ``layernorm``: the encoder's LayerNorms do (the embeddings'
-    stays). The model still trains, it just computes something else. Returns how many places changed.
+    stays); ``dropout``: every dropout, LoRA's and the attention probabilities' included, drops
+    nothing (p = 0, so no mask is drawn). The model still trains, it just computes something else.
+    Returns how many places changed.
     """
     if part not in PARTS:
         raise ValueError(f"part: expected one of {', '.join(PARTS)}, got {part!r}")
@@ -52,6 +54,9 @@ def remove_part(model: nn.Module, part: str) -> int:
             changed += 1
         elif part == "gelu" and hasattr(module, "intermediate_act_fn"):
             module.intermediate_act_fn = nn.Identity()
+            changed += 1
+        elif part == "dropout" and isinstance(module, nn.Dropout):
+            module.p = 0.0
             changed += 1
         elif part == "layernorm" and "encoder" in name:
             for child_name, child in module.named_children():
