@@ -13,7 +13,8 @@ baseline; this isolates the step, where one setting's effect is not diluted by s
 evaluation and batches of other widths. Settings: ``plain`` (lorafit's defaults) and
 ``fast_dropout`` (``--fast-dropout``), each optionally with a part of the model taken out to see
 what it costs (``fast_dropout-attention``, ``plain-gelu``, ``fast_dropout-layernorm``; see
-``lorafit.bench.step.remove_part``). ``--reuse-memory`` turns the process-wide setting of that
+``lorafit.bench.step.remove_part``), and optionally compiled (``plain@compile``: ``torch.compile``
+as ``lorafit train --compile`` does it, one static shape here; its compile time is printed apart). ``--reuse-memory`` turns the process-wide setting of that
 name on for all (off by default, as in ``lorafit train``). The script runs on the allocator it
 is started with: ``LD_PRELOAD=libtcmalloc_minimal.so.4`` for tcmalloc, as ``lorafit train`` uses.
 
@@ -54,9 +55,9 @@ def main() -> None:
     args = p.parse_args()
     settings = args.settings.split(",")
     known = {*SETTINGS, *(f"{s}-{part}" for s in SETTINGS for part in PARTS)}
-    if unknown := set(settings) - known:
+    if unknown := {s.removesuffix("@compile") for s in settings} - known:
         p.error(f"--settings: unknown {sorted(unknown)} (choose from {', '.join(SETTINGS)}, "
-                f"each optionally with -{' / -'.join(PARTS)})")
+                f"each optionally with -{' / -'.join(PARTS)}, and @compile)")
 
     torch.set_num_threads(args.threads)
     reuse = args.reuse_memory and fastpath.reuse_freed_memory()
@@ -65,13 +66,20 @@ def main() -> None:
     task = cfg.task_spec()
     data, _ = load_data(cfg, task, load_tokenizer(cfg.model))
     typical, width = typical_batches(cfg, data)
-    steps = {}
+    steps, compile_seconds = {}, {}
     for setting in settings:
         torch.manual_seed(0)
-        base, _, part = setting.partition("-")
+        name, compiled, _ = setting.partition("@compile")
+        base, _, part = name.partition("-")
         model, steps[setting] = training_step(cfg.replace(fast_dropout=base == "fast_dropout"), task, data)
         if part:
             remove_part(model, part)
+        if compiled:  # in place, so that the step built above calls the compiled forward
+            model.compile(dynamic=False)
+            started = time.perf_counter()
+            steps[setting](typical[0])
+            compile_seconds[setting] = round(time.perf_counter() - started, 1)
+            print(f"{setting}: first step (compiling) {compile_seconds[setting]} s")
         for i in range(3):  # warm-up
             steps[setting](typical[i % len(typical)])
 
@@ -86,18 +94,19 @@ def main() -> None:
     first = statistics.median(times[settings[0]])
     result = {"task": args.task, "batch_size": args.batch_size, "padded_width": width,
               "threads": args.threads, "reuse_memory": reuse, "rounds": args.rounds, "steps_a_round": args.steps,
-              "environment": environment(), "ms_per_step": {}}
+              "environment": environment(), "compile_seconds": compile_seconds, "ms_per_step": {}}
     for setting in settings:
         median = statistics.median(times[setting])
         result["ms_per_step"][setting] = {"median": round(median, 1), "min": round(min(times[setting]), 1),
                                           "max": round(max(times[setting]), 1)}
-        print(f"{setting:14s} {median:7.1f} ms a step ({min(times[setting]):.1f}-{max(times[setting]):.1f})"
+        print(f"{setting:22s} {median:7.1f} ms a step ({min(times[setting]):.1f}-{max(times[setting]):.1f})"
               f"  {first / median:.2f}x {settings[0]}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         malloc = result["environment"]["allocator"]  # LD_PRELOAD=libtcmalloc_minimal.so.4 to time tcmalloc
         name = (f"{args.task}-b{args.batch_size}-step-time{'-reuse-memory' if reuse else ''}"
-                f"{'' if malloc == 'system' else '-' + malloc}.json")
+                f"{'' if malloc == 'system' else '-' + malloc}{'' if args.threads == 2 else f'-{args.threads}thread'}"
+                f"{'-compile' if compile_seconds else ''}.json")
         (Path(args.out) / name).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 
 
