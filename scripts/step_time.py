@@ -14,8 +14,9 @@ evaluation and batches of other widths. Settings: ``plain`` (lorafit's defaults)
 ``fast_dropout`` (``--fast-dropout``), each optionally with a part of the model taken out to see
 what it costs (``fast_dropout-attention``, ``plain-gelu``, ``fast_dropout-layernorm``; see
 ``lorafit.bench.step.remove_part``), and optionally compiled (``plain@compile``: ``torch.compile``
-as ``lorafit train --compile`` does it, one static shape here; its compile time is printed apart). ``--reuse-memory`` turns the process-wide setting of that
-name on for all (off by default, as in ``lorafit train``). The script runs on the allocator it
+in inductor's default mode with static shapes, as ``lorafit train --compile`` uses on a CPU; one
+shape here, its compile time printed apart). ``--reuse-memory`` turns the process-wide setting of
+that name on for all (off by default, as in ``lorafit train``). The script runs on the allocator it
 is started with: ``LD_PRELOAD=libtcmalloc_minimal.so.4`` for tcmalloc, as ``lorafit train`` uses.
 
     PYTHONPATH=src python scripts/step_time.py --reuse-memory \
