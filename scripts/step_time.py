@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit import fastpath
+from lorafit import allocator
 from lorafit.bench.env import environment
 from lorafit.bench.step import PARTS, remove_part, training_step, typical_batches
 from lorafit.config import make_config
@@ -61,7 +61,7 @@ def main() -> None:
                 f"each optionally with -{' / -'.join(PARTS)}, and @compile)")
 
     torch.set_num_threads(args.threads)
-    reuse = args.reuse_memory and fastpath.reuse_freed_memory()
+    reuse = args.reuse_memory and allocator.reuse_freed_memory()
     cfg = make_config(task=args.task, batch_size=args.batch_size, precision="bf16", lora_dropout=0.1,
                       max_train_samples=4096, progress=False, num_threads=args.threads)
     task = cfg.task_spec()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorafit import allocator, fastpath
+from lorafit import allocator, cpu_dropout, fastpath
 from lorafit.config import TrainConfig
 from lorafit.data import Encoded, batch_order, collate
 from lorafit.distributed import (
@@ -78,7 +78,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.num_threads or physical_cores())
     malloc = allocator.check_loaded(cfg.allocator)
     # glibc's tunables: another allocator keeps freed memory by itself.
-    reuse_memory = cfg.reuse_memory and device.type == "cpu" and malloc == "system" and fastpath.reuse_freed_memory()
+    reuse_memory = cfg.reuse_memory and device.type == "cpu" and malloc == "system" and allocator.reuse_freed_memory()
     accelerator.print(f"lorafit: {describe(accelerator, cfg.batch_size, cfg.grad_accum)}")
     check_supported(accelerator, cfg.grad_accum)
     set_seed(cfg.seed)
@@ -91,7 +91,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model = build_model(cfg, task)
     check_max_length(model, cfg.max_length)
     if cfg.fast_dropout:
-        fastpath.use_fast_dropout(model)
+        cpu_dropout.use_fast_dropout(model)
     counts = count_parameters(model)
     if frozen_bf16:
         fastpath.cast_frozen_linears(model)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from lorafit import fastpath
+from lorafit import cpu_dropout, fastpath
 from lorafit.data import batch_order
 from lorafit.distributed import make_accelerator
 from lorafit.setup import build_model, linear_schedule, make_optimizer
@@ -84,7 +84,7 @@ def training_step(cfg: Any, task: Any, data: Any) -> tuple[torch.nn.Module, Call
     """
     model = build_model(cfg, task)
     if cfg.fast_dropout:
-        fastpath.use_fast_dropout(model)
+        cpu_dropout.use_fast_dropout(model)
     if fastpath.resolve_frozen_bf16(None, cfg.precision, "lora"):
         fastpath.cast_frozen_linears(model)
     optimizer = make_optimizer(model, cfg)
