@@ -111,7 +111,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorafit.inference import evaluate_trained
 
     metrics = evaluate_trained(args.path, task=args.task, data_dir=args.data_dir, merged=not args.unmerged,
-                               batch_size=args.batch_size, max_eval_samples=args.max_eval_samples)
+                               batch_size=args.batch_size, max_eval_samples=args.max_eval_samples,
+                               precision=args.precision)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -125,7 +126,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise LorafitError("predict: give sentences with --text (repeatable) or a file with --input, not both")
     pairs = [(t, args.text_pair[i] if args.text_pair and i < len(args.text_pair) else None)
              for i, t in enumerate(args.text)] if args.text else read_inputs(args.input)
-    trained = load_trained(args.path)
+    trained = load_trained(args.path, precision=args.precision)
     for record in predict_texts(trained, pairs, batch_size=args.batch_size):
         print(json.dumps(record))
     return 0
@@ -138,7 +139,8 @@ def _predict_split(args: argparse.Namespace) -> int:
         raise LorafitError("predict: --split predicts a whole GLUE split; leave out --text and --input")
     if not args.output:
         raise LorafitError("predict: --split test needs --output DIR for the GLUE submission file(s)")
-    for path in write_test_predictions(args.path, args.output, args.data_dir, args.batch_size, args.overwrite):
+    for path in write_test_predictions(args.path, args.output, args.data_dir, args.batch_size, args.overwrite,
+                                       args.precision):
         print(f"wrote {path}")
     return 0
 
@@ -214,7 +216,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from lorafit.config import TrainConfig
     from lorafit.report.make import add_report_arguments
-    from lorafit.submit import add_submit_arguments
+    from lorafit.submit import add_precision_argument, add_submit_arguments
     from lorafit.sweep.cli import add_sweep_arguments
 
     parser = _Parser(prog="lorafit", description="LoRA fine-tuning of encoder models on GLUE.")
@@ -226,18 +228,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(p, TrainConfig)
     p.set_defaults(func=cmd_train)
 
-    text = ("evaluate a run directory or adapter on a task's dev set (in fp32, whatever precision it trained in: "
-            "a bf16 run's metric may differ slightly from its summary's)")
+    text = ("evaluate a run directory or adapter on a task's dev set, in the precision it trained in (with "
+            "--unmerged, a run's own eval batch size and thread count, a run directory gives its summary's metric "
+            "bit for bit)")
     p = sub.add_parser("eval", help=text, description=text)
     p.add_argument("path", help="run directory, adapter directory or merged model directory")
     p.add_argument("--task", help="task to evaluate on (default: the one it was trained on)")
     p.add_argument("--data-dir", help="GLUE-layout folder for tasks that are not vendored")
-    p.add_argument("--batch-size", type=count(), default=64)
+    p.add_argument("--batch-size", type=count(), help="default: a run directory's eval batch size, else 64")
     p.add_argument("--max-eval-samples", type=count())
     p.add_argument("--unmerged", action="store_true", help="evaluate with the LoRA branch unmerged")
+    add_precision_argument(p)
     p.set_defaults(func=cmd_eval)
 
-    text = "labels and probabilities (or scores) for new sentences (computed in fp32)"
+    text = "labels and probabilities (or scores) for new sentences (in the precision the model trained in)"
     p = sub.add_parser("predict", help=text, description=text)
     p.add_argument("path", help="run directory, adapter directory or merged model directory")
     p.add_argument("--text", action="append", help="a sentence (repeatable)")
@@ -248,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="with --split: folder for the task's submission file (SST-2.tsv, ...)")
     p.add_argument("--data-dir", help="with --split: GLUE-layout folder for test files that are not vendored")
     p.add_argument("--overwrite", action="store_true", help="with --split: replace existing files")
+    add_precision_argument(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("submit", help="zip GLUE test predictions of one run per task for the GLUE server")

@@ -2,7 +2,9 @@
 
 A trained model is given as a run directory (``config.yaml``), an adapter directory
 (``adapter_config.json``, lorafit's or PEFT's) or a merged/full model folder (``config.json``).
-LoRA layers are merged before inference, so it runs at the base model's speed.
+LoRA layers are merged before inference, so it runs at the base model's speed. It computes in the
+precision it trained in unless told otherwise (:func:`inference_precision`), so that ``lorafit
+eval`` of a bf16 run gives the dev metric its training reported.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from lorafit.run import RunDir
 TASK_FILE = "lorafit_task.json"  # written beside an exported merged model
 
 
+# What --precision accepts for inference: "trained" is the precision the model trained in.
+INFERENCE_PRECISIONS = ("trained", "auto", "fp32", "bf16")
+
+
 @dataclass
 class Trained:
     model: nn.Module
@@ -39,6 +45,36 @@ class Trained:
     task: TaskSpec | None
     max_length: int
     config: TrainConfig | None = None  # when loaded from a run directory
+    precision: str = "fp32"  # what inference computes in: fp32 or bf16 (run the model under autocast())
+    trained_in: str | None = None  # the precision recorded with the model, if any
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The context inference runs in: bf16 autocast on the CPU, or nothing for fp32."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+
+def inference_precision(requested: str, trained_in: str | None) -> str:
+    """The precision inference computes in on the CPU: ``fp32`` or ``bf16``.
+
+    Args:
+        requested: ``trained`` (what the model trained in: a run's config.yaml, or the metadata
+            lorafit writes beside an adapter or a merged model; fp32 where neither says), ``auto``
+            (bf16 where the CPU multiplies bf16 natively, as ``lorafit train`` picks), ``fp32`` or
+            ``bf16``.
+        trained_in: The precision recorded with the model, if any.
+
+    A model trained in fp16, which needs a GPU, infers in fp32 here. In bf16 the frozen weights
+    are cast by autocast, which gives the products training computed with its bf16 frozen base,
+    so an unmerged run directory evaluated with its own eval batch size repeats its training's
+    dev logits bit for bit.
+    """
+    if requested not in INFERENCE_PRECISIONS:
+        raise LorafitError(f"--precision: expected one of {', '.join(INFERENCE_PRECISIONS)}, got {requested!r}")
+    if requested == "trained":
+        return "bf16" if trained_in == "bf16" else "fp32"
+    from lorafit.fastpath import resolve_precision
+
+    return resolve_precision(requested, torch.device("cpu"))
 
 
 def _task_from_metadata(meta: dict[str, Any]) -> TaskSpec | None:
@@ -72,11 +108,16 @@ def _load_lora(base: str, adapter: Path, meta: dict[str, Any], trust_remote_code
     return model, load_tokenizer(base, trust_remote_code)
 
 
-def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool = True) -> Trained:
+def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool = True,
+                 precision: str = "fp32") -> Trained:
     """Load whatever ``path`` holds, ready for inference (eval mode).
 
     With ``merge`` the LoRA layers are merged and unloaded: the model is a plain Transformers
     model again and runs at the base model's speed. Without it the LoRA branch stays separate.
+    ``precision`` is resolved by :func:`inference_precision` into ``Trained.precision``; in bf16
+    the linear layers are stored in bf16 (:func:`cast_linears_bf16`), so the model must run under
+    ``trained.autocast()``. The commands pass ``trained``; a caller of this function gets fp32
+    unless it asks.
     """
     path = Path(path)
     if not path.exists():
@@ -94,7 +135,8 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
                 raise LorafitError(f"{path}: the run has no saved model yet (model/ is missing)")
             model, tokenizer, _ = _load_plain(path / "model", trust_remote_code)
             task = cfg.task_spec()
-        trained = Trained(model, tokenizer, task, cfg.max_length, cfg)
+        trained = Trained(model, tokenizer, task, cfg.max_length, cfg, inference_precision(precision, cfg.precision),
+                          cfg.precision)
     elif (path / "adapter_config.json").exists():
         read_adapter_config(path)  # validates the file before any model is loaded
         meta = read_adapter_metadata(path)
@@ -102,16 +144,44 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
         if not base:
             raise LorafitError(f"{path}: adapter names no base model")
         model, tokenizer = _load_lora(base, path, meta, trust_remote_code)
-        trained = Trained(model, tokenizer, _task_from_metadata(meta), meta.get("max_length", 512))
+        trained = Trained(model, tokenizer, _task_from_metadata(meta), meta.get("max_length", 512),
+                          precision=inference_precision(precision, meta.get("precision")),
+                          trained_in=meta.get("precision"))
     elif (path / "config.json").exists():
         model, tokenizer, meta = _load_plain(path, trust_remote_code)
-        trained = Trained(model, tokenizer, _task_from_metadata(meta), meta.get("max_length", 512))
+        trained = Trained(model, tokenizer, _task_from_metadata(meta), meta.get("max_length", 512),
+                          precision=inference_precision(precision, meta.get("precision")),
+                          trained_in=meta.get("precision"))
     else:
         raise LorafitError(f"{path}: not a run directory (config.yaml), adapter (adapter_config.json) or model (config.json)")
     if merge:
         trained.model = merge_and_unload(trained.model)
     trained.model.eval()
+    if trained.precision == "bf16":
+        # A run that turned frozen_bf16 off trained its DoRA base in fp32; anything else in bf16.
+        cast_linears_bf16(trained.model, dora_base=trained.config is None or trained.config.frozen_bf16 is not False)
     return trained
+
+
+def cast_linears_bf16(model: nn.Module, dora_base: bool = True) -> int:
+    """Store the linear layers that bf16 autocast would cast at every call in bf16 once; returns how many.
+
+    Autocast casts an fp32 weight to bf16 each time it is used (it caches casts only in
+    training), which on the CPU cost more than the products at batch 1: 7.40 against 6.14 ms in
+    fp32 for the embedded model (docs/performance.md). The cast is the same rounding either way,
+    so the outputs do not change. LoRA factors keep fp32, as they trained. A DoRA layer also reads
+    its base weight outside autocast (its norm): ``dora_base`` says whether training held that
+    weight in bf16 (``frozen_bf16``, the default for bf16 LoRA), and so whether to cast it here.
+    """
+    from lorafit.lora import LoRALinear
+
+    keep = {id(m) for layer in model.modules() if isinstance(layer, LoRALinear)
+            for m in (layer.lora_A, layer.lora_B,
+                      *((layer.base_layer,) if layer.lora_magnitude_vector is not None and not dora_base else ()))}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in keep]
+    for module in linears:
+        module.to(torch.bfloat16)
+    return len(linears)
 
 
 def _load_plain(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any, dict[str, Any]]:
@@ -127,10 +197,13 @@ def _load_plain(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any, di
 
 
 def evaluate_trained(path: str | Path, task: str | None = None, data_dir: str | None = None, merged: bool = True,
-                     batch_size: int = 64, max_eval_samples: int | None = None) -> dict[str, float]:
+                     batch_size: int | None = None, max_eval_samples: int | None = None,
+                     precision: str = "trained") -> dict[str, float]:
+    """The dev metrics of a trained model; ``batch_size`` defaults to a run's own eval batch size
+    (the batches' widths change the bits of bf16 products), else 64."""
     from lorafit.metrics import compute_metrics
 
-    trained = load_trained(path, merge=merged)
+    trained = load_trained(path, merge=merged, precision=precision)
     spec = get_task(task) if task else trained.task
     if spec is None:
         raise LorafitError(f"{path}: no task recorded; pass --task")
@@ -138,6 +211,7 @@ def evaluate_trained(path: str | Path, task: str | None = None, data_dir: str | 
         raise LorafitError(f"--task {spec.name}: has {spec.num_labels} labels, the model was trained with "
                            f"{trained.task.num_labels}")
     cfg = trained.config
+    batch_size = batch_size or (cfg.eval_batch_size if cfg is not None else 64)
     outputs = {}
     for split in spec.eval_splits:
         if cfg is not None and cfg.validation_file and not task:
@@ -148,7 +222,7 @@ def evaluate_trained(path: str | Path, task: str | None = None, data_dir: str | 
         if max_eval_samples:
             data = data.select(np.arange(min(max_eval_samples, len(data))))
         pad = trained.tokenizer.pad_token_id or 0
-        outputs[split] = (predict_logits(trained.model, data, batch_size, pad), data.labels)
+        outputs[split] = (predict_logits(trained.model, data, batch_size, pad, trained.autocast), data.labels)
     return compute_metrics(spec, outputs)
 
 
@@ -206,7 +280,8 @@ def predict_texts(trained: Trained, pairs: list[tuple[str, str | None]], batch_s
             raise LorafitError("predict: either every example is a sentence pair or none is")
         enc = tok(firsts, seconds if has_pair else None, truncation=True, max_length=trained.max_length,
                   padding=True, return_tensors="pt")
-        logits = model(**enc).logits.float()
+        with trained.autocast():
+            logits = model(**enc).logits.float()
         for i, (a, b) in enumerate(chunk):
             record: dict[str, Any] = {"text": a} if b is None else {"text": a, "text_pair": b}
             if labels is None:
@@ -235,6 +310,7 @@ def export_merged(path: str | Path, output: str | Path, overwrite: bool = False)
             "task": task.name if task else None,
             "task_spec": dataclasses.asdict(task) if task else None,
             "max_length": trained.max_length,
+            "precision": trained.trained_in,  # what inference from it computes in by default
         })
         from lorafit.card import facts_for_export, write_card
 

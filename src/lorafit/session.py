@@ -116,6 +116,7 @@ def _adapter_metadata(cfg: TrainConfig, task: TaskSpec) -> dict[str, Any]:
         "label_names": list(task.label_names) if task.label_names else None,
         "num_labels": task.num_labels,
         "max_length": cfg.max_length,
+        "precision": cfg.precision,  # resolved ("auto" never): what inference computes in by default
         "lorafit_version": __version__,
     }
 

@@ -11,7 +11,6 @@ AX diagnostic, which takes MNLI predictions); ``lorafit submit`` says which ones
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import zipfile
 from dataclasses import dataclass
@@ -112,17 +111,17 @@ def predict_test(trained, data_dir: str | Path | None = None, batch_size: int = 
     for split in glue_test_splits(task):
         test = load_test_split(task, split, data_dir)
         data = encode_split(test.examples, trained.tokenizer, trained.max_length)
-        logits = predict_logits(trained.model, data, batch_size, pad, contextlib.nullcontext)
+        logits = predict_logits(trained.model, data, batch_size, pad, trained.autocast)
         out.append(Predictions(SUBMISSION_FILES[(task.name, split)], test.index, format_predictions(task, logits)))
     return out
 
 
 def write_test_predictions(path: str | Path, output: str | Path, data_dir: str | Path | None = None,
-                           batch_size: int = 64, overwrite: bool = False) -> list[Path]:
+                           batch_size: int = 64, overwrite: bool = False, precision: str = "trained") -> list[Path]:
     """``lorafit predict RUN --split test --output DIR``: the task's submission file(s) in DIR."""
     from lorafit.inference import load_trained
 
-    trained = load_trained(path)
+    trained = load_trained(path, precision=precision)
     task = _glue_task(trained.task, str(path))
     output = Path(output)
     targets = [output / SUBMISSION_FILES[(task.name, s)] for s in glue_test_splits(task)]
@@ -137,8 +136,10 @@ def write_test_predictions(path: str | Path, output: str | Path, data_dir: str |
 
 
 def build_submission(paths: list[str | Path], output: str | Path, data_dir: str | Path | None = None,
-                     batch_size: int = 64, overwrite: bool = False) -> tuple[list[str], list[str]]:
-    """Predict the test set(s) of each trained model and zip them as the GLUE server takes them.
+                     batch_size: int = 64, overwrite: bool = False,
+                     precision: str = "trained") -> tuple[list[str], list[str]]:
+    """Predict the test set(s) of each trained model and zip them as the GLUE server takes them,
+    each in ``precision`` (:func:`lorafit.inference.inference_precision`).
 
     Returns:
         The file names in the zip, and the names of the server's files that are missing.
@@ -157,7 +158,7 @@ def build_submission(paths: list[str | Path], output: str | Path, data_dir: str 
     files: dict[str, bytes] = {}
     owner: dict[str, str] = {}
     for path in paths:
-        trained = load_trained(path)
+        trained = load_trained(path, precision=precision)
         task = _glue_task(trained.task, str(path))
         if task.name in owner:
             raise LorafitError(f"submit: {owner[task.name]} and {path} are both {task.name} models; "
@@ -194,11 +195,23 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="GLUE-layout folder with the test files of tasks that are not "
                         "vendored (MNLI, QNLI, QQP)")
     parser.add_argument("--batch-size", type=int, default=64)
+    add_precision_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing zip")
 
 
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` of the commands that run a trained model (eval, predict, submit)."""
+    from lorafit.inference import INFERENCE_PRECISIONS
+
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="trained",
+                        help="what the model computes in: 'trained' (default: the precision it trained in, "
+                             "as recorded with it; fp32 where nothing is recorded or it trained in fp16), "
+                             "'auto' (bf16 where the CPU multiplies bf16 natively), 'fp32' or 'bf16' (autocast)")
+
+
 def run_submit_cli(args: argparse.Namespace) -> int:
-    names, missing = build_submission(args.paths, args.output, args.data_dir, args.batch_size, args.overwrite)
+    names, missing = build_submission(args.paths, args.output, args.data_dir, args.batch_size, args.overwrite,
+                                      args.precision)
     print(f"{args.output}: {', '.join(names)}")
     if missing:
         print(f"missing (the GLUE server expects all {len(ALL_SUBMISSION_FILES)} files): {', '.join(missing)}")

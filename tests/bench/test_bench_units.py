@@ -230,3 +230,22 @@ def test_the_baseline_scores_each_prediction_against_its_own_label_when_grouped(
     with torch.no_grad():
         own = {float(r["labels"]): model(input_ids=torch.tensor([r["input_ids"]])).logits.item() for r in rows}
     assert [pytest.approx(own[y], abs=1e-5) for y in labels.tolist()] == logits.reshape(-1).tolist()
+
+
+def _latency(side: str, variant: str, b1: float, b32: float) -> dict:
+    env = {"cpu": "x", "cpu_flags": {"amx_bf16": True}, "threads": 2, "device": "cpu", "versions": {"torch": "2"}}
+    return {"kind": "measurement", "mode": "infer", "side": side, "impl": "lorafit", "variant": variant, "repeat": 0,
+            "settings": {"task": "sst2", "model": "minilm", "device": "cpu"}, "environment": env,
+            "latency_ms_b1": b1, "latency_p90_ms_b1": b1, "latency_ms_b32": b32, "latency_p90_ms_b32": b32,
+            "examples_per_second_b32": 32_000 / b32}
+
+
+def test_inference_runs_in_two_precisions_read_together_compare_each_with_its_own_base():
+    records = [_latency("lorafit@fp32", "base", 6.0, 120.0), _latency("lorafit@fp32", "merged", 6.0, 120.0),
+               _latency("lorafit@bf16", "base", 5.0, 40.0), _latency("lorafit@bf16", "merged", 5.5, 44.0)]
+    ratios = {r["infer_side"]: r for r in summarize(records) if r["kind"] == "ratio"}
+    assert ratios["lorafit@fp32"]["overhead_b32"] == pytest.approx(0.0)
+    assert ratios["lorafit@bf16"]["overhead_b1"] == pytest.approx(0.1)  # not 5.5 against fp32's 6.0
+    table = format_table(records)
+    assert "LoRA merged (lorafit@bf16) latency vs base: +10.0% at batch 1, +10.0% at batch 32" in table
+    assert "\nmerged (lorafit@bf16) " in table and "\nbase (lorafit@fp32) " in table

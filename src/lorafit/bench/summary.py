@@ -129,15 +129,18 @@ def _ratios(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 if ref:
                     out.append(_train_ratio(base, s, ref))
         elif mode == "infer":
-            ref = next((s for s in rows if s["variant"] == "base"), None)
-            for s in (s for s in rows if ref and s["variant"] != "base"):
-                ratio = {**base, "side": s["variant"], "against": "base", **{
-                    f"overhead_b{b}": s[f"latency_ms_b{b}"]["median"] / ref[f"latency_ms_b{b}"]["median"] - 1
-                    for b in (1, 32)}}
-                for b in (1, 32):  # the median over repeats of each repeat's median per-input ratio
-                    if f"paired_overhead_b{b}" in s:
-                        ratio[f"paired_overhead_b{b}"] = s[f"paired_overhead_b{b}"]["median"]
-                out.append(ratio)
+            # Each side (a precision: files of several runs may be read together) has its own base.
+            for side in dict.fromkeys(s["side"] for s in rows):
+                mine = [s for s in rows if s["side"] == side]
+                ref = next((s for s in mine if s["variant"] == "base"), None)
+                for s in (s for s in mine if ref and s["variant"] != "base"):
+                    ratio = {**base, "side": s["variant"], "against": "base", "infer_side": side, **{
+                        f"overhead_b{b}": s[f"latency_ms_b{b}"]["median"] / ref[f"latency_ms_b{b}"]["median"] - 1
+                        for b in (1, 32)}}
+                    for b in (1, 32):  # the median over repeats of each repeat's median per-input ratio
+                        if f"paired_overhead_b{b}" in s:
+                            ratio[f"paired_overhead_b{b}"] = s[f"paired_overhead_b{b}"]["median"]
+                    out.append(ratio)
         else:
             lora = next((s for s in rows if s["variant"] == "lora"), None)
             full = next((s for s in rows if s["variant"] == "full"), None)
@@ -175,6 +178,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
     wheres = where_labels([r["settings"] for r in summaries])
     labels = {(*workload_key(r["settings"]), r["side"]): side_label(r)
               for r in summaries if r["kind"] == "summary" and r["mode"] == "train"}
+    infer_sides = {r["side"] for r in summaries if r["kind"] == "summary" and r["mode"] == "infer"}
     for r in (r for r in summaries if r["kind"] == "ratio"):
         key = workload_key(r["settings"])
         where = wheres[key]
@@ -183,7 +187,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
             lines.append(f"{where}: {side} = {r['speedup']:.2f}x {against} (examples/s, medians); "
                          f"dev metric {100 * r['dev_metric_difference']:+.2f} pt")
         elif r["mode"] == "infer":
-            line = (f"{where}: LoRA {r['side']} latency vs base: {100 * r['overhead_b1']:+.1f}% at batch 1, "
+            at = f" ({r['infer_side']})" if len(infer_sides) > 1 else ""
+            line = (f"{where}: LoRA {r['side']}{at} latency vs base: {100 * r['overhead_b1']:+.1f}% at batch 1, "
                     f"{100 * r['overhead_b32']:+.1f}% at batch 32")
             if "paired_overhead_b1" in r:
                 line += (f" (per input, paired: {100 * r['paired_overhead_b1']:+.1f}%, "
@@ -215,12 +220,14 @@ def format_table(records: list[dict[str, Any]]) -> str:
                          f"{_cell(r['dev_metric'], '{:.4f}'):>11} {_cell(r['peak_memory_gib'], '{:.2f}'):>9} "
                          f"{gf:>8} {pct:>7} {_cell(r.get('compile_seconds'), '{:.1f}'):>9}")
     if any(r["mode"] == "infer" for r in rows):
-        lines += ["", f"{'model':<12} {'b1 ms':>10} {'b1 p90':>8} {'b32 ms':>10} {'b32 p90':>8} {'b32 ex/s':>9}"]
+        width = 24 if len(infer_sides) > 1 else 12
+        lines += ["", f"{'model':<{width}} {'b1 ms':>10} {'b1 p90':>8} {'b32 ms':>10} {'b32 p90':>8} {'b32 ex/s':>9}"]
         for r in grouped("infer"):
             if "heading" in r:
                 lines.append(f"{r['heading']}:")
                 continue
-            lines.append(f"{r['variant']:<12} {_cell(r['latency_ms_b1'], '{:.2f}'):>10} "
+            name = f"{r['variant']} ({r['side']})" if len(infer_sides) > 1 else r["variant"]
+            lines.append(f"{name:<{width}} {_cell(r['latency_ms_b1'], '{:.2f}'):>10} "
                          f"{r['latency_p90_ms_b1']['median']:>8.2f} {_cell(r['latency_ms_b32']):>10} "
                          f"{r['latency_p90_ms_b32']['median']:>8.1f} {r['examples_per_second_b32']['median']:>9.0f}")
     if any(r["mode"] == "memory" for r in rows):

@@ -91,9 +91,15 @@ def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60, 
     data, pad = _inference_data(work)
     models = {v: _inference_model(work, v) for v in variants}
     device = torch.device(work.device)
-    # A plain "lorafit" side infers as `lorafit eval` / `predict` do, in fp32; "auto" as training would.
+    # A plain "lorafit" side infers in fp32 (`lorafit eval --precision fp32`); "@bf16" as a bf16 run's
+    # `lorafit eval` / `predict` now do by default; "@auto" as `--precision auto`.
     precision = fastpath.resolve_precision(side.precision or "fp32", device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if precision == "bf16" and device.type == "cpu":  # as `lorafit eval` / `predict` hold a bf16 model
+        from lorafit.inference import cast_linears_bf16
+
+        for model in models.values():
+            cast_linears_bf16(model)
     out: dict[str, dict[str, Any]] = {v: {"variant": v, "precision": precision} for v in variants}
     for batch in (1, 32):
         times: dict[str, list[float]] = {v: [] for v in variants}

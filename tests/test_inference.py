@@ -1,0 +1,117 @@
+"""Inference from a trained model: the precision it computes in, and what that buys.
+
+A bf16 run evaluated in fp32 reports a slightly different metric than its training did; evaluated
+in the precision it trained in (the default), unmerged, it reports the same one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lorafit.config import make_config
+from lorafit.errors import LorafitError
+from lorafit.inference import TASK_FILE, evaluate_trained, export_merged, inference_precision, load_trained
+
+# STS-B: a regression metric (Pearson) moves with any change in the logits' bits, where accuracy
+# over a few examples would not.
+SMALL = {"task": "stsb", "max_train_samples": 32, "max_eval_samples": 16, "batch_size": 8, "eval_batch_size": 16,
+         "max_length": 48, "progress": False, "num_threads": 1, "max_steps": 2, "eval_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory):
+    from lorafit.train import train
+
+    run = tmp_path_factory.mktemp("inference") / "run"
+    summary = train(make_config(**SMALL, precision="bf16", output_dir=str(run)))
+    return run, summary
+
+
+def test_trained_precision_is_recorded_beside_the_adapter_and_the_merged_model(bf16_run, tmp_path):
+    run, _ = bf16_run
+    assert json.loads((run / "adapter" / "lorafit_adapter.json").read_text())["precision"] == "bf16"
+    assert load_trained(run, precision="trained").precision == "bf16"
+    assert load_trained(run / "adapter", precision="trained").precision == "bf16"
+    assert load_trained(run).precision == "fp32"  # the library's default: fp32 unless asked
+    merged = export_merged(run, tmp_path / "merged")
+    assert json.loads((merged / TASK_FILE).read_text())["precision"] == "bf16"
+    exported = {p.dtype for p in load_trained(merged).model.parameters()}
+    assert exported == {torch.float32}  # the export itself keeps full precision
+    assert load_trained(merged, precision="trained").precision == "bf16"
+
+
+def test_eval_in_the_trained_precision_repeats_the_training_metric_exactly(bf16_run, one_thread):
+    run, summary = bf16_run  # it trained and evaluated on one thread too
+    again = evaluate_trained(run, merged=False, max_eval_samples=16)
+    assert again == summary["best_metrics"]
+    in_fp32 = evaluate_trained(run, merged=False, max_eval_samples=16, precision="fp32")
+    assert in_fp32["pearson"] != summary["best_metrics"]["pearson"]  # what eval reported before
+    assert in_fp32["pearson"] == pytest.approx(summary["best_metrics"]["pearson"], abs=0.02)
+
+
+def test_inference_precision_resolves_each_choice(monkeypatch):
+    from lorafit.bench import env
+
+    assert inference_precision("trained", "bf16") == "bf16"
+    assert inference_precision("trained", "fp32") == "fp32"
+    assert inference_precision("trained", None) == "fp32"  # PEFT's adapters and plain models record none
+    assert inference_precision("trained", "fp16") == "fp32"  # fp16 needs a GPU; inference runs on the CPU
+    assert inference_precision("bf16", "fp32") == "bf16" and inference_precision("fp32", "bf16") == "fp32"
+    monkeypatch.setattr(env, "cpu_flags", lambda: {f: f == "amx_bf16" for f in env.MATRIX_FLAGS})
+    assert inference_precision("auto", "fp32") == "bf16"
+    monkeypatch.setattr(env, "cpu_flags", lambda: {f: f == "avx2" for f in env.MATRIX_FLAGS})
+    assert inference_precision("auto", "bf16") == "fp32"
+    with pytest.raises(LorafitError, match="--precision: expected one of trained, auto, fp32, bf16, got 'fp16'"):
+        inference_precision("fp16", None)
+
+
+def test_cli_eval_takes_the_precision_and_refuses_an_unknown_one(bf16_run, one_thread, capsys):
+    from lorafit.cli import main
+
+    run, summary = bf16_run
+    assert main(["eval", str(run), "--unmerged", "--max-eval-samples", "16"]) == 0
+    assert json.loads(capsys.readouterr().out) == summary["best_metrics"]
+    assert main(["eval", str(run), "--precision", "fp16"]) == 2
+    assert "argument --precision: invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_bf16_inference_stores_the_linears_in_bf16_and_gets_autocasts_outputs(bf16_run, one_thread):
+    from lorafit.data import collate, encode_split, load_split
+    from lorafit.lora import LoRALinear
+
+    run, _ = bf16_run
+    for merge in (True, False):
+        held = load_trained(run, merge=merge, precision="trained")  # bf16: the run's precision
+        plain = load_trained(run, merge=merge, precision="fp32")
+        linears = {n: m.weight.dtype for n, m in held.model.named_modules() if isinstance(m, torch.nn.Linear)}
+        factors = {n for n in linears if ".lora_" in n}
+        assert {linears[n] for n in factors} <= {torch.float32} and bool(factors) == (not merge)
+        assert {d for n, d in linears.items() if n not in factors} == {torch.bfloat16}
+        assert any(isinstance(m, LoRALinear) for m in held.model.modules()) == (not merge)
+        data = encode_split(load_split(held.task, "validation", None), held.tokenizer, held.max_length)
+        batch = collate(data, list(range(8)), held.tokenizer.pad_token_id)
+        batch.pop("labels")
+        with torch.inference_mode(), held.autocast():
+            ours = held.model(**batch).logits
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast_alone = plain.model(**batch).logits
+        assert torch.equal(ours, autocast_alone)
+
+
+@pytest.mark.parametrize("frozen_bf16", [True, False])
+def test_a_dora_run_holds_its_base_weights_as_it_trained_and_repeats_its_metric(tmp_path, one_thread, frozen_bf16):
+    from lorafit.lora import LoRALinear
+    from lorafit.train import train
+
+    # DoRA reads its base weight outside autocast (the column norm): it must be held as it trained.
+    summary = train(make_config(**SMALL, precision="bf16", use_dora=True, frozen_bf16=frozen_bf16,
+                                output_dir=str(tmp_path / "run")))
+    held = load_trained(tmp_path / "run", merge=False, precision="trained")
+    layers = [m for m in held.model.modules() if isinstance(m, LoRALinear)]
+    expected = torch.bfloat16 if frozen_bf16 else torch.float32
+    assert layers and all(m.base_layer.weight.dtype == expected for m in layers)
+    assert held.model.classifier.weight.dtype == torch.bfloat16
+    assert evaluate_trained(tmp_path / "run", merged=False, max_eval_samples=16) == summary["best_metrics"]
