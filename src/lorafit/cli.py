@@ -215,8 +215,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from lorafit.config import TrainConfig
+    from lorafit.flags import add_precision_argument
     from lorafit.report.make import add_report_arguments
-    from lorafit.submit import add_precision_argument, add_submit_arguments
+    from lorafit.submit import add_submit_arguments
     from lorafit.sweep.cli import add_sweep_arguments
 
     parser = _Parser(prog="lorafit", description="LoRA fine-tuning of encoder models on GLUE.")
@@ -229,8 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     text = ("evaluate a run directory or adapter on a task's dev set, in the precision it trained in (with "
-            "--unmerged, a run's own eval batch size and thread count, a run directory gives its summary's metric "
-            "bit for bit)")
+            "--unmerged, a run directory gives the metric its training reported)")
     p = sub.add_parser("eval", help=text, description=text)
     p.add_argument("path", help="run directory, adapter directory or merged model directory")
     p.add_argument("--task", help="task to evaluate on (default: the one it was trained on)")

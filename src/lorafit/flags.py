@@ -1,4 +1,5 @@
-"""Command-line flags derived from dataclass fields, shared by ``lorafit train`` and ``lorafit sweep``.
+"""Command-line flags: those derived from dataclass fields (``lorafit train`` and ``lorafit sweep``), and
+``--precision`` of the commands that run a trained model.
 
 A field ``learning_rate`` is the flag ``--learning-rate``; booleans are ``--flag/--no-flag``
 switches, ``Literal`` fields take their choices, and list fields take comma-separated values.
@@ -72,3 +73,16 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._Argument
                                 metavar="A,B", help=help_text)
         else:
             parser.add_argument(flag, type=tp, default=argparse.SUPPRESS, help=help_text)
+
+
+# What --precision of eval, predict and submit accepts: "trained" is what the model trained in
+# (lorafit.inference.inference_precision). Here, not there, so that building the parser stays light.
+INFERENCE_PRECISIONS = ("trained", "auto", "fp32", "bf16")
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` of the commands that run a trained model (eval, predict, submit)."""
+    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="trained",
+                        help="what the model computes in: 'trained' (default: the precision it trained in, "
+                             "as recorded with it; fp32 where nothing is recorded or it trained in fp16), "
+                             "'auto' (bf16 where the CPU multiplies bf16 natively), 'fp32' or 'bf16' (autocast)")

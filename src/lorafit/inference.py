@@ -24,6 +24,7 @@ from lorafit.config import TrainConfig
 from lorafit.data import TaskSpec, encode_split, get_task, load_custom, load_split, read_table
 from lorafit.errors import LorafitError
 from lorafit.evaluation import predict_logits
+from lorafit.flags import INFERENCE_PRECISIONS
 from lorafit.io import atomic_dir, atomic_write_json, read_json, read_text, read_yaml_mapping
 from lorafit.lora import load_adapter, merge_and_unload, read_adapter_config, read_adapter_metadata
 from lorafit.lora.adapter import read_adapter_weights
@@ -32,10 +33,6 @@ from lorafit.paths import check_output
 from lorafit.run import RunDir
 
 TASK_FILE = "lorafit_task.json"  # written beside an exported merged model
-
-
-# What --precision accepts for inference: "trained" is the precision the model trained in.
-INFERENCE_PRECISIONS = ("trained", "auto", "fp32", "bf16")
 
 
 @dataclass
@@ -63,10 +60,9 @@ def inference_precision(requested: str, trained_in: str | None) -> str:
             ``bf16``.
         trained_in: The precision recorded with the model, if any.
 
-    A model trained in fp16, which needs a GPU, infers in fp32 here. In bf16 the frozen weights
-    are cast by autocast, which gives the products training computed with its bf16 frozen base,
-    so an unmerged run directory evaluated with its own eval batch size repeats its training's
-    dev logits bit for bit.
+    A model trained in fp16, which needs a GPU, infers in fp32 here. In bf16 the linears are held
+    as training held or autocast cast them (:func:`cast_linears_bf16`), so an unmerged run
+    directory evaluated with its own eval batch size repeats its training's dev logits bit for bit.
     """
     if requested not in INFERENCE_PRECISIONS:
         raise LorafitError(f"--precision: expected one of {', '.join(INFERENCE_PRECISIONS)}, got {requested!r}")
@@ -135,8 +131,7 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
                 raise LorafitError(f"{path}: the run has no saved model yet (model/ is missing)")
             model, tokenizer, _ = _load_plain(path / "model", trust_remote_code)
             task = cfg.task_spec()
-        trained = Trained(model, tokenizer, task, cfg.max_length, cfg, inference_precision(precision, cfg.precision),
-                          cfg.precision)
+        trained = Trained(model, tokenizer, task, cfg.max_length, cfg, trained_in=cfg.precision)
     elif (path / "adapter_config.json").exists():
         read_adapter_config(path)  # validates the file before any model is loaded
         meta = read_adapter_metadata(path)
@@ -145,15 +140,14 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
             raise LorafitError(f"{path}: adapter names no base model")
         model, tokenizer = _load_lora(base, path, meta, trust_remote_code)
         trained = Trained(model, tokenizer, _task_from_metadata(meta), meta.get("max_length", 512),
-                          precision=inference_precision(precision, meta.get("precision")),
                           trained_in=meta.get("precision"))
     elif (path / "config.json").exists():
         model, tokenizer, meta = _load_plain(path, trust_remote_code)
         trained = Trained(model, tokenizer, _task_from_metadata(meta), meta.get("max_length", 512),
-                          precision=inference_precision(precision, meta.get("precision")),
                           trained_in=meta.get("precision"))
     else:
         raise LorafitError(f"{path}: not a run directory (config.yaml), adapter (adapter_config.json) or model (config.json)")
+    trained.precision = inference_precision(precision, trained.trained_in)
     if merge:
         trained.model = merge_and_unload(trained.model)
     trained.model.eval()

@@ -21,6 +21,7 @@ import numpy as np
 from lorafit.data import TaskSpec, encode_split
 from lorafit.data.unlabeled import glue_test_splits, load_test_split
 from lorafit.errors import LorafitError
+from lorafit.flags import add_precision_argument
 from lorafit.io import atomic_write_bytes
 
 __all__ = [
@@ -197,16 +198,6 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     add_precision_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing zip")
-
-
-def add_precision_argument(parser: argparse.ArgumentParser) -> None:
-    """``--precision`` of the commands that run a trained model (eval, predict, submit)."""
-    from lorafit.inference import INFERENCE_PRECISIONS
-
-    parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="trained",
-                        help="what the model computes in: 'trained' (default: the precision it trained in, "
-                             "as recorded with it; fp32 where nothing is recorded or it trained in fp16), "
-                             "'auto' (bf16 where the CPU multiplies bf16 natively), 'fp32' or 'bf16' (autocast)")
 
 
 def run_submit_cli(args: argparse.Namespace) -> int:
