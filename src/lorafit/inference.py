@@ -163,15 +163,16 @@ def cast_linears_bf16(model: nn.Module, dora_base: bool = True) -> int:
     Autocast casts an fp32 weight to bf16 each time it is used (it caches casts only in
     training), which on the CPU cost more than the products at batch 1: 7.40 against 6.14 ms in
     fp32 for the embedded model (docs/performance.md). The cast is the same rounding either way,
-    so the outputs do not change. LoRA factors keep fp32, as they trained. A DoRA layer also reads
-    its base weight outside autocast (its norm): ``dora_base`` says whether training held that
-    weight in bf16 (``frozen_bf16``, the default for bf16 LoRA), and so whether to cast it here.
+    so the outputs do not change. That holds for LoRA's factors too: the branch casts its input to
+    the factors' dtype, which autocast would have cast to bf16 anyway. A DoRA layer is the
+    exception: it also computes outside autocast (its norm, its rescaled base term) in the dtype
+    of its input and base weight, so its factors stay fp32, and its base weight stays as training
+    held it: ``dora_base`` says whether that was bf16 (``frozen_bf16``, the default for bf16 LoRA).
     """
     from lorafit.lora import LoRALinear
 
-    keep = {id(m) for layer in model.modules() if isinstance(layer, LoRALinear)
-            for m in (layer.lora_A, layer.lora_B,
-                      *((layer.base_layer,) if layer.lora_magnitude_vector is not None and not dora_base else ()))}
+    dora = [layer for layer in model.modules() if isinstance(layer, LoRALinear) and layer.lora_magnitude_vector is not None]
+    keep = {id(m) for layer in dora for m in (layer.lora_A, layer.lora_B, *(() if dora_base else (layer.base_layer,)))}
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in keep]
     for module in linears:
         module.to(torch.bfloat16)
