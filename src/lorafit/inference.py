@@ -24,6 +24,7 @@ from lorafit.config import TrainConfig
 from lorafit.data import TaskSpec, encode_split, get_task, load_custom, load_split, read_table
 from lorafit.errors import LorafitError
 from lorafit.evaluation import predict_logits
+from lorafit.fastpath import resolve_frozen_bf16, resolve_precision
 from lorafit.flags import INFERENCE_PRECISIONS
 from lorafit.io import atomic_dir, atomic_write_json, read_json, read_text, read_yaml_mapping
 from lorafit.lora import load_adapter, merge_and_unload, read_adapter_config, read_adapter_metadata
@@ -68,8 +69,6 @@ def inference_precision(requested: str, trained_in: str | None) -> str:
         raise LorafitError(f"--precision: expected one of {', '.join(INFERENCE_PRECISIONS)}, got {requested!r}")
     if requested == "trained":
         return "bf16" if trained_in == "bf16" else "fp32"
-    from lorafit.fastpath import resolve_precision
-
     return resolve_precision(requested, torch.device("cpu"))
 
 
@@ -152,8 +151,9 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
         trained.model = merge_and_unload(trained.model)
     trained.model.eval()
     if trained.precision == "bf16":
-        # A run that turned frozen_bf16 off trained its DoRA base in fp32; anything else in bf16.
-        cast_linears_bf16(trained.model, dora_base=trained.config is None or trained.config.frozen_bf16 is not False)
+        # DoRA's base weight as the run held it (lorafit's adapters without a run: the default, bf16).
+        cfg = trained.config
+        cast_linears_bf16(trained.model, dora_base=cfg is None or resolve_frozen_bf16(cfg.frozen_bf16, cfg.precision, cfg.method))
     return trained
 
 
