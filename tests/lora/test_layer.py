@@ -199,3 +199,100 @@ def test_bf16_base_forward_keeps_dtype():
 def test_extra_repr_mentions_rank_and_merge_state():
     layer = _layer(r=4, alpha=8.0)
     assert "r=4" in repr(layer) and "scaling=2" in repr(layer) and "merged=False" in repr(layer)
+
+
+# Evaluation without autograd takes a shorter path (LoRALinear._forward_no_grad); it must give
+# the general path's bits in every precision lorafit evaluates in.
+_PRECISIONS = {
+    "fp32": (None, False, False),  # (autocast dtype, frozen layer held in bf16, factors held in bf16)
+    "autocast": (torch.bfloat16, False, False),
+    "autocast, frozen bf16": (torch.bfloat16, True, False),
+    "autocast, all held bf16": (torch.bfloat16, True, True),  # as lorafit eval holds a bf16 run
+}
+
+
+def _held(layer: LoRALinear, precision: str) -> LoRALinear:
+    _, frozen_bf16, factors_bf16 = _PRECISIONS[precision]
+    if frozen_bf16:
+        layer.base_layer.to(torch.bfloat16)
+    if factors_bf16:
+        layer.lora_A.to(torch.bfloat16)
+        layer.lora_B.to(torch.bfloat16)
+    return layer.eval()
+
+
+def _both_paths(layer: LoRALinear, x: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = _PRECISIONS[precision][0]
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        general = layer(x)  # autograd on: the path training takes
+        with torch.inference_mode():
+            short = layer(x)
+    return general.detach(), short
+
+
+@pytest.mark.parametrize("precision", list(_PRECISIONS))
+@pytest.mark.parametrize(("r", "alpha", "use_rslora"), [(4, 8.0, False), (4, 4.0, False), (4, 2.0, False), (4, 6.0, False), (4, 8.0, True)])
+def test_inference_path_gives_the_general_paths_bits(precision, r, alpha, use_rslora):
+    # Scales 2 and 4 (rsLoRA; folded into B), 1, and 0.5 and 1.5 (multiplied after the product).
+    layer = _held(_nonzero_b(_layer(64, 48, r=r, alpha=alpha, use_rslora=use_rslora)), precision)
+    x = torch.randn(3, 7, 64)
+    general, short = _both_paths(layer, x, precision)
+    assert short.dtype == general.dtype
+    assert torch.equal(short, general)
+
+
+def test_inference_path_follows_changes_to_b():
+    # The scaled copy of B is kept between calls: it must not outlive a change to B.
+    layer = _held(_nonzero_b(_layer(64, 48, r=4, alpha=8.0)), "fp32")
+    x = torch.randn(2, 5, 64)
+    first, _ = _both_paths(layer, x, "fp32")
+    _nonzero_b(layer, seed=2)  # in place, as an optimizer step or load_state_dict
+    general, short = _both_paths(layer, x, "fp32")
+    assert not torch.equal(general, first) and torch.equal(short, general)
+    layer.lora_B.weight = nn.Parameter(layer.lora_B.weight.detach() * 3)  # replaced outright
+    general, short = _both_paths(layer, x, "fp32")
+    assert torch.equal(short, general)
+    _held(layer, "autocast, all held bf16")  # .to() swaps the storage under the same Parameter
+    general, short = _both_paths(layer, x, "autocast, all held bf16")
+    assert general.dtype == torch.bfloat16 and torch.equal(short, general)
+
+
+def _op_counts(layer: LoRALinear, x: torch.Tensor, grad: bool) -> dict[str, int]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+        layer(x)  # the first call without autograd makes the scaled copy of B that later calls reuse
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            layer(x)
+    names = [event.name for event in prof.events()]
+    return {op: names.count(op) for op in ("aten::_to_copy", "aten::mul", "aten::mul_", "aten::add", "aten::add_")}
+
+
+def test_inference_path_casts_once_and_folds_the_scale():
+    # What the shorter path is for: at batch 1 each operator call costs more than its arithmetic.
+    layer = _held(_nonzero_b(_layer(64, 48, r=4, alpha=8.0)), "autocast, all held bf16")
+    x = torch.randn(1, 5, 64)
+    general = _op_counts(layer, x, grad=True)
+    short = _op_counts(layer, x, grad=False)
+    assert general["aten::_to_copy"] >= 2 and general["aten::mul"] == 1 and general["aten::add"] == 1
+    assert short == {"aten::_to_copy": 1, "aten::mul": 0, "aten::mul_": 0, "aten::add": 0, "aten::add_": 1}
+
+
+def test_dropout_still_acts_in_training_mode_without_autograd():
+    layer = _nonzero_b(_layer(64, 48, r=4, alpha=8.0, dropout=0.5)).train()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        dropped = layer(x)
+        evaluated = layer.eval()(x)
+    assert not torch.equal(dropped, evaluated)
+
+
+def test_inference_path_traces_into_one_graph():
+    # A user may torch.compile a loaded model for serving: the shorter path must not break the
+    # graph (its copy of the scaled B is checked against a data pointer, which the tracer cannot read).
+    layer = _held(_nonzero_b(_layer(64, 48, r=4, alpha=8.0)), "autocast, all held bf16")
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(compiled(x), layer(x))

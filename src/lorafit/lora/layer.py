@@ -70,6 +70,7 @@ class LoRALinear(nn.Module):
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.ones(base_layer.out_features, **factory))
         self._dora_norm: torch.Tensor | None = None  # the norm merge() used, which unmerge() needs
+        self._scaled_b_cache: tuple | None = None  # see _scaled_b
         self.merged = False
         if init_lora_weights == "pissa":
             self._pissa_init()  # once: it changes the base weight
@@ -134,6 +135,8 @@ class LoRALinear(nn.Module):
         return ["lora_A.weight", "lora_B.weight", *dora]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged and not self.training and self.lora_magnitude_vector is None and not torch.is_grad_enabled():
+            return self._forward_no_grad(x)
         result = self.base_layer(x)
         if self.merged:
             return result
@@ -145,6 +148,55 @@ class LoRALinear(nn.Module):
         if self.lora_magnitude_vector is None:
             return result + lora_out.to(result.dtype)
         return result + self._dora_extra(lora_in, result, lora_out).to(result.dtype)
+
+    def _forward_no_grad(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` in evaluation without autograd: the same bits in fewer operator calls.
+
+        Unmerged inference at batch 1 is bound by the cost of each call, Python's included, not
+        by arithmetic (docs/performance.md, "Inference in bf16"), so three calls of the general
+        path go, and what replaces them is kept to a few attribute reads:
+        * where autocast would cast the input of the frozen product to the dtype the layer and
+          the factors are held in (``lorafit eval`` of a bf16 run), it is cast once here and
+          shared with the branch: the same rounding;
+        * a scale that is a power of two, 1 or more, is folded into a copy of ``B`` kept until
+          ``B`` changes: multiplying by it is exact, so ``x A^T (s B)^T`` equals ``s (x A^T B^T)``
+          (a factor entry below 2^-126, which a flush-to-zero kernel would drop and its scaled
+          copy might not, is the one exception; trained factors have none);
+        * the branch is added into the frozen product's output in place.
+        Training takes none of this: the gradients of a shared cast would be summed in the low
+        precision, and a scaled copy of ``B`` would need a gradient of its own.
+        """
+        weight_a = self.lora_A.weight
+        if x.dtype == weight_a.dtype:
+            result = self.base_layer(x)
+        elif self.base_layer.weight.dtype == weight_a.dtype and torch.get_autocast_dtype(x.device.type) == weight_a.dtype:
+            x = x.to(weight_a.dtype)  # (without autocast the frozen product would refuse x's dtype)
+            result = self.base_layer(x)
+        else:
+            result = self.base_layer(x)
+            x = x.to(weight_a.dtype)
+        scaled_b = self._scaled_b()
+        if scaled_b is None:
+            lora_out = F.linear(F.linear(x, weight_a), self.lora_B.weight).mul_(self.scaling)
+        else:
+            lora_out = F.linear(F.linear(x, weight_a), scaled_b)
+        return result.add_(lora_out if lora_out.dtype == result.dtype else lora_out.to(result.dtype))
+
+    def _scaled_b(self) -> torch.Tensor | None:
+        """``scaling * B`` where that product is exact, else None; kept until ``B`` changes."""
+        if torch.compiler.is_compiling():
+            return None  # the tracer cannot read data pointers; a compiled graph fuses the multiply anyway
+        weight, cached = self.lora_B.weight, self._scaled_b_cache
+        # Holding the Parameter keeps a replaced one's memory from coming back under the same
+        # address; an in-place update bumps the version, a ``.data`` swap (``.to()``) the pointer.
+        if cached is not None and cached[0] is weight and cached[1] == weight._version and cached[2] == weight.data_ptr():
+            return cached[3]
+        if weight.is_inference():
+            return None  # no version counter to watch
+        exact = math.frexp(self.scaling)[0] == 0.5 and self.scaling >= 1  # a power of two, 1 or more
+        scaled = (weight.detach() * self.scaling if self.scaling != 1 else weight.detach()) if exact else None
+        self._scaled_b_cache = (weight, weight._version, weight.data_ptr(), scaled)
+        return scaled
 
     def _dora_extra(self, lora_in: torch.Tensor, result: torch.Tensor, lora_out: torch.Tensor) -> torch.Tensor:
         """What DoRA adds to the base output: (m / ||W + s B A|| - 1) W x + m / ||W + s B A|| s B A x."""
@@ -206,3 +258,4 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         dora = ", dora=True" if self.lora_magnitude_vector is not None else ""
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{dora}, merged={self.merged}"
+
