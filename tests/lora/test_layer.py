@@ -296,3 +296,23 @@ def test_inference_path_traces_into_one_graph():
     x = torch.randn(2, 5, 64)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_inference_path_keeps_fp16_bits_where_outputs_are_subnormal(autocast):
+    # Twice a subnormal fp16 product does not round as twice its rounding, so the scale of 2 is
+    # applied after the product in fp16 (held in fp16, or cast there by fp16 autocast).
+    layer = _nonzero_b(_layer(64, 48, r=4, alpha=8.0)).eval()
+    with torch.no_grad():
+        layer.lora_B.weight.mul_(1e-5)  # branch outputs around 1e-5: fp16 subnormals start at 6.1e-5
+        layer.base_layer.weight.zero_()  # so that the frozen product's rounding does not absorb them
+        layer.base_layer.bias.zero_()
+    x = torch.randn(3, 7, 64)
+    if not autocast:
+        layer.half()
+        x = x.half()
+    with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+        general = layer(x).detach()
+        with torch.inference_mode():
+            short = layer(x)
+    assert short.dtype == torch.float16 and torch.equal(short, general)

@@ -159,9 +159,9 @@ class LoRALinear(nn.Module):
           the factors are held in (``lorafit eval`` of a bf16 run), it is cast once here and
           shared with the branch: the same rounding;
         * a scale that is a power of two, 1 or more, is folded into a copy of ``B`` kept until
-          ``B`` changes: multiplying by it is exact, so ``x A^T (s B)^T`` equals ``s (x A^T B^T)``
-          (a factor entry below 2^-126, which a flush-to-zero kernel would drop and its scaled
-          copy might not, is the one exception; trained factors have none);
+          ``B`` changes, where the branch computes in bf16 or fp32: multiplying by it is exact
+          there, so ``x A^T (s B)^T`` equals ``s (x A^T B^T)`` (values below 2^-126, which a
+          flush-to-zero kernel drops, are the one exception; trained factors have none);
         * the branch is added into the frozen product's output in place.
         Training takes none of this: the gradients of a shared cast would be summed in the low
         precision, and a scaled copy of ``B`` would need a gradient of its own.
@@ -175,11 +175,14 @@ class LoRALinear(nn.Module):
         else:
             result = self.base_layer(x)
             x = x.to(weight_a.dtype)
-        scaled_b = self._scaled_b()
+        hidden = F.linear(x, weight_a)
+        # In fp16 the fold is not exact: a product small enough to be subnormal there rounds
+        # differently at twice its size. bf16 and fp32 reach 2^-126 before that happens.
+        scaled_b = self._scaled_b() if hidden.dtype != torch.float16 else None
         if scaled_b is None:
-            lora_out = F.linear(F.linear(x, weight_a), self.lora_B.weight).mul_(self.scaling)
+            lora_out = F.linear(hidden, self.lora_B.weight).mul_(self.scaling)
         else:
-            lora_out = F.linear(F.linear(x, weight_a), scaled_b)
+            lora_out = F.linear(hidden, scaled_b)
         return result.add_(lora_out if lora_out.dtype == result.dtype else lora_out.to(result.dtype))
 
     def _scaled_b(self) -> torch.Tensor | None:
