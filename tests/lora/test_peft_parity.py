@@ -152,3 +152,18 @@ def test_peft_adapter_for_other_shapes_is_refused(tiny_model, layouts, logits_of
         load_adapter(model, tmp_path)
     assert torch.equal(logits_of(model), base)
     assert not any(True for _ in lora_layers(model))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_evaluation_logits_equal_peft_bit_for_bit(tiny_model, arch, layout, randomize, logits_of, precision, use_rslora):
+    # Evaluation without autograd takes LoRALinear's shorter path (a shared cast, the scale of 2 or
+    # 4 folded into B): it must still compute exactly what PEFT computes.
+    ours = _lorafit(tiny_model(arch), use_rslora)
+    theirs = _peft(tiny_model(arch), layout, use_rslora)
+    randomize(ours, head=True)
+    copy_into_peft(ours, theirs)
+    ours.eval()
+    theirs.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        assert torch.equal(logits_of(ours), logits_of(theirs))
