@@ -197,7 +197,7 @@ class LoRALinear(nn.Module):
         if weight.is_inference():
             return None  # no version counter to watch
         exact = math.frexp(self.scaling)[0] == 0.5 and self.scaling >= 1  # a power of two, 1 or more
-        scaled = (weight.detach() * self.scaling if self.scaling != 1 else weight.detach()) if exact else None
+        scaled = weight.detach() * self.scaling if exact else None
         self._scaled_b_cache = (weight, weight._version, weight.data_ptr(), scaled)
         return scaled
 
@@ -261,4 +261,3 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         dora = ", dora=True" if self.lora_magnitude_vector is not None else ""
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}{dora}, merged={self.merged}"
-
