@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorafit import allocator, cpu_dropout, fastpath
+from lorafit import allocator, cpu_dropout, fastpath, mt_masks
 from lorafit.config import TrainConfig
 from lorafit.data import Encoded, batch_order, collate
 from lorafit.distributed import (
@@ -131,41 +131,44 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model.train()
     running_loss = torch.zeros((), device=accelerator.device)  # summed on device: no per-step host sync
     guard = DivergenceGuard(trainable, accelerator.device)
-    started = time.perf_counter() - progress.train_seconds
-    while progress.step < total_steps:
-        order = _epoch_batches(cfg, train_data, progress.epoch, accelerator)
-        for start in range(progress.batch_in_epoch, len(order), cfg.grad_accum):
-            group = order[start : start + cfg.grad_accum]
-            shapes.start(tuple((len(g), fastpath.padded_width(int(train_data.lengths[g].max()), buckets))
-                               for g in group), progress)
-            loss = _accumulate(step_model, accelerator, train_data, group, pad_id, buckets)
-            guard.watch(loss)
-            running_loss += loss
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.advance(group, train_data.lengths, epoch_done=start + len(group) >= len(order))
-            shapes.stop(progress)
-            if progress.step % cfg.log_steps == 0 or progress.step == total_steps:
-                values = _log(bar, running_loss, progress, scheduler, started, cfg.log_steps, run, accelerator)
-                accelerator.log(values, step=progress.step)
-            bar.update(1)
-            at_eval = progress.step % eval_every == 0 or progress.step == total_steps
-            at_save = at_eval or (cfg.save_steps and progress.step % cfg.save_steps == 0)
-            if at_save or progress.step % cfg.log_steps == 0:
-                # Before NaN weights are evaluated or saved; the weights themselves only then.
-                guard.check(cfg, run, progress, accelerator, weights=bool(at_save))
-            if at_eval:
-                progress.train_seconds = time.perf_counter() - started
-                state.evaluate_and_keep_best(epoch=round(progress.step / steps_per_epoch, 4))
-                started = time.perf_counter() - progress.train_seconds  # eval time is not train time
-            if at_save:
-                progress.train_seconds = time.perf_counter() - started
-                state.save_checkpoint()
-            if progress.step >= total_steps:
-                break
+    # PyTorch's own dropout masks from a vectorised kernel, the same numbers (lorafit.mt_masks);
+    # entered before the clock starts, since its kernels compile (or load from cache) on entry.
+    with mt_masks.drawn_vectorised(cfg.vectorised_masks and accelerator.device.type == "cpu") as vectorised:
+        started = time.perf_counter() - progress.train_seconds
+        while progress.step < total_steps:
+            order = _epoch_batches(cfg, train_data, progress.epoch, accelerator)
+            for start in range(progress.batch_in_epoch, len(order), cfg.grad_accum):
+                group = order[start : start + cfg.grad_accum]
+                shapes.start(tuple((len(g), fastpath.padded_width(int(train_data.lengths[g].max()), buckets))
+                                   for g in group), progress)
+                loss = _accumulate(step_model, accelerator, train_data, group, pad_id, buckets)
+                guard.watch(loss)
+                running_loss += loss
+                if cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.advance(group, train_data.lengths, epoch_done=start + len(group) >= len(order))
+                shapes.stop(progress)
+                if progress.step % cfg.log_steps == 0 or progress.step == total_steps:
+                    values = _log(bar, running_loss, progress, scheduler, started, cfg.log_steps, run, accelerator)
+                    accelerator.log(values, step=progress.step)
+                bar.update(1)
+                at_eval = progress.step % eval_every == 0 or progress.step == total_steps
+                at_save = at_eval or (cfg.save_steps and progress.step % cfg.save_steps == 0)
+                if at_save or progress.step % cfg.log_steps == 0:
+                    # Before NaN weights are evaluated or saved; the weights themselves only then.
+                    guard.check(cfg, run, progress, accelerator, weights=bool(at_save))
+                if at_eval:
+                    progress.train_seconds = time.perf_counter() - started
+                    state.evaluate_and_keep_best(epoch=round(progress.step / steps_per_epoch, 4))
+                    started = time.perf_counter() - progress.train_seconds  # eval time is not train time
+                if at_save:
+                    progress.train_seconds = time.perf_counter() - started
+                    state.save_checkpoint()
+                if progress.step >= total_steps:
+                    break
     bar.close()
     # Not accelerator.end_training(): it also destroys the process group, which the summary's
     # barrier and any further seeds still need.
@@ -178,7 +181,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     summary.update(precision=precision, compile_seconds=round(shapes.seconds, 2), speed={
         "frozen_bf16": frozen_bf16, "compile": cfg.compile, "length_buckets": list(buckets) if buckets else None,
         "fused_optimizer": cfg.fused_optimizer, "fast_dropout": cfg.fast_dropout,
-        "reuse_memory": reuse_memory, "allocator": malloc,
+        "vectorised_masks": vectorised, "reuse_memory": reuse_memory, "allocator": malloc,
         "attention": getattr(accelerator.unwrap_model(model).config, "_attn_implementation", None)})
     if accelerator.is_main_process:
         run.write_summary(summary)

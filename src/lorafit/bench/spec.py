@@ -25,7 +25,7 @@ VARIANT_SWITCHES: dict[str, dict[str, Any]] = {
     "pissa": {"init_lora_weights": "pissa"},
 }
 LORAFIT_SWITCHES = ("compile", "fast_dropout", "frozen_bf16", "fused_optimizer", "group_by_length", "reuse_memory",
-                    *VARIANT_SWITCHES)
+                    "vectorised_masks", *VARIANT_SWITCHES)
 # The baseline's one switch: the Trainer's own ``group_by_length`` (off by default, as a user who
 # keeps the Trainer's defaults has it), so a comparison can also show the baseline with padding
 # cut the way lorafit cuts it (``peft@bf16+group_by_length``).

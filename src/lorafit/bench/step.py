@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from lorafit import cpu_dropout, fastpath
+from lorafit import cpu_dropout, fastpath, mt_masks
 from lorafit.data import batch_order
 from lorafit.distributed import make_accelerator
 from lorafit.setup import build_model, linear_schedule, make_optimizer
@@ -79,7 +79,8 @@ def training_step(cfg: Any, task: Any, data: Any) -> tuple[torch.nn.Module, Call
     """A model and one full step on it: forward and backward (``lorafit.train._accumulate``),
     clipping, optimizer, scheduler, ``zero_grad``, each named for the profiler.
 
-    As ``lorafit train`` builds it: LoRA per ``cfg``, fast dropout if ``cfg.fast_dropout``, the frozen base in
+    As ``lorafit train`` builds it: LoRA per ``cfg``, fast dropout if ``cfg.fast_dropout``, PyTorch's
+    masks drawn vectorised if ``cfg.vectorised_masks``, the frozen base in
     bf16 where LoRA trains in bf16, fused AdamW, autocast in ``cfg.precision`` on the CPU.
     """
     model = build_model(cfg, task)
@@ -95,7 +96,7 @@ def training_step(cfg: Any, task: Any, data: Any) -> tuple[torch.nn.Module, Call
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def step(batch: np.ndarray) -> torch.Tensor:
-        with record_function("lorafit.forward_backward"):
+        with record_function("lorafit.forward_backward"), mt_masks.drawn_vectorised(cfg.vectorised_masks):
             loss = _accumulate(model, accelerator, data, [batch], 0)
         with record_function("lorafit.clip"):
             accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)

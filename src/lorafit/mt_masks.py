@@ -1,0 +1,132 @@
+"""PyTorch's own CPU dropout masks, drawn 16 numbers at a time (``TrainConfig.vectorised_masks``).
+
+On the CPU, ``F.dropout``, ``nn.Dropout`` and SDPA's dropout fill their masks with
+``bernoulli_(1 - p)``. Per element, that kernel takes two 32-bit numbers of the generator's
+Mersenne Twister (MT19937), forms a 53-bit uniform ``u`` from them, and keeps the element when
+``u < 1 - p``. It draws the numbers one at a time on one thread: 1.8 ms for an 848 x 384 mask, about
+a third of an MRPC training step of the embedded model (docs/performance.md).
+
+The recurrence itself is not serial. MT19937 renews its 624 words of state in a pass whose
+iterations depend only on words 1 and 397 places ahead, or 227 behind, so a compiler vectorises it.
+:func:`drawn_vectorised` puts such a kernel in place of PyTorch's for ``aten::bernoulli_.float`` on
+the CPU while a training loop runs. The kernel is compiled by Numba. It reads the generator's
+state, fills the tensor in the order PyTorch's kernel visits it, and writes the advanced state
+back. So the masks are PyTorch's bit for bit, and so are the stream after them, checkpoints and
+resumes, and every trained weight. A run with it repeats PEFT's and lorafit's earlier runs exactly.
+Numba, rather than a C++ extension, because it is a wheel on every platform PyTorch supports: it
+needs no compiler where lorafit is installed.
+
+Where Numba is not installed, nothing is replaced and PyTorch's kernel runs: the same numbers, at
+PyTorch's speed. Unlike ``fast_dropout`` (:mod:`lorafit.cpu_dropout`) this changes no result, so it
+is on by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+N = 624  # MT19937's words of state
+# lorafit.mt_kernels once imported (its kernels compile on first use: seconds, then cached on disk);
+# False where Numba is not installed.
+_kernels: Any = None
+_lock = threading.Lock()
+_active: list[Any] = []  # the one torch.library registration while any drawn_vectorised() is open
+
+
+def available() -> bool:
+    """Whether the vectorised kernel can run here (Numba importable)."""
+    return _load() is not None
+
+
+@contextlib.contextmanager
+def drawn_vectorised(enabled: bool = True) -> Iterator[bool]:
+    """Within the block, CPU ``bernoulli_(p)`` (every dropout mask) runs the vectorised kernel.
+
+    Yields whether it does: False when ``enabled`` is False or Numba is missing. Blocks nest; the
+    kernel is registered once and PyTorch's own comes back when the outermost block ends. The
+    replacement is process-wide while it lasts, as any PyTorch kernel is: a ``bernoulli_`` on
+    another thread gets it too, with the same numbers PyTorch's would give.
+    """
+    if not enabled or _load() is None:
+        yield False
+        return
+    with _lock:
+        if not _active:
+            library = torch.library.Library("aten", "IMPL")
+            with warnings.catch_warnings():  # "Overriding a previously registered kernel": that is the point
+                warnings.simplefilter("ignore")
+                library.impl("bernoulli_.float", _bernoulli_, "CPU")
+            _active.append(library)
+            _compile(_load())
+        _active.append(None)
+    try:
+        yield True
+    finally:
+        with _lock:
+            _active.pop()
+            if len(_active) == 1:
+                _active.pop()._destroy()
+
+
+# The bit pattern of 1 in each float dtype, written straight into the tensor's memory.
+_ONE = {torch.float32: (np.uint32, torch.int32, 0x3F80_0000), torch.bfloat16: (np.uint16, torch.int16, 0x3F80),
+        torch.float16: (np.uint16, torch.int16, 0x3C00), torch.float64: (np.uint64, torch.int64, 0x3FF0_0000_0000_0000)}
+
+
+def _bernoulli_(self: torch.Tensor, p: float = 0.5, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``aten::bernoulli_.float`` on the CPU: PyTorch's numbers, from the vectorised kernel."""
+    if not 0 <= p <= 1:  # PyTorch's own check and message
+        raise RuntimeError(f"bernoulli_ expects p to be in [0, 1], but got p={p:g}")
+    n = self.numel()
+    if n == 0:
+        return self
+    # PyTorch's kernel visits the elements in memory order: dimensions by decreasing stride.
+    order = sorted(range(self.dim()), key=lambda d: -self.stride(d))
+    target = self.detach().permute(order)
+    words, as_int, one = _ONE.get(self.dtype, (np.uint8, torch.uint8, 1))
+    direct = target.is_contiguous() and self.dtype in _ONE
+    out = target if direct else torch.empty(target.shape, dtype=self.dtype if self.dtype in _ONE else torch.uint8)
+    gen = generator if generator is not None else torch.default_generator
+    state = gen.get_state()
+    fields = state.numpy()
+    # CPUGeneratorImplState: seed (u64), left (i32), seeded (i32), next (u64), the 624 words (u64 each), ...
+    left, nxt = int(fields[8:12].view(np.int32)[0]), int(fields[16:24].view(np.uint64)[0])
+    mt = fields[24 : 24 + 8 * N].view(np.uint64).astype(np.uint32)
+    # Kept when (hi's low 21 bits, lo) as a 53-bit integer k satisfies k * 2^-53 < p, i.e. k < ceil(p * 2^53).
+    bound = math.ceil(p * 2.0**53)
+    left, nxt = _load().fill(mt, left, nxt, np.uint32(bound >> 32), np.uint32(bound & 0xFFFF_FFFF), words(one),
+                             out.view(-1).view(as_int).numpy().view(words))
+    if not direct:
+        target.copy_(out)
+    fields[8:12].view(np.int32)[0], fields[16:24].view(np.uint64)[0] = left, nxt
+    fields[24 : 24 + 8 * N].view(np.uint64)[:] = mt
+    gen.set_state(state)
+    return self
+
+
+def _compile(kernels: Any) -> None:
+    """Compile (or load from Numba's cache) the kernels for the dtypes training meets, fp32 and
+    bf16, now rather than in the first timed step."""
+    for words in (np.uint32, np.uint16):
+        kernels.fill(np.zeros(N, np.uint32), 1, 0, np.uint32(0), np.uint32(0), words(1), np.empty(1, words))
+
+
+def _load() -> Any:
+    """:mod:`lorafit.mt_kernels`, imported once; None where Numba is not installed."""
+    global _kernels
+    if _kernels is None:
+        try:
+            from lorafit import mt_kernels
+        except ImportError:
+            _kernels = False
+        else:
+            _kernels = mt_kernels
+    return _kernels or None
