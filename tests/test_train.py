@@ -104,6 +104,29 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, tiny_run, interrup
     assert [strip(x) for x in lines_a] == [strip(x) for x in lines_b]
 
 
+def test_vectorised_masks_train_the_same_weights_as_pytorchs_kernel(tmp_path, tiny_run, monkeypatch):
+    from lorafit import mt_masks
+
+    calls = []
+    kernel = mt_masks._bernoulli_
+    monkeypatch.setattr(mt_masks, "_bernoulli_", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    common = {"max_steps": 4, "eval_steps": 4, "lora_dropout": 0.1}
+    runs = {}
+    for on in (True, False):
+        calls.clear()
+        runs[on] = train(tiny_run(f"vectorised-{on}", vectorised_masks=on, **common))
+        assert runs[on]["speed"]["vectorised_masks"] is on
+        # Every mask or none: 4 steps x (the embeddings', 6 layers x (attention probabilities, 2 hidden
+        # states, 2 LoRA inputs), the head's)
+        assert len(calls) == (4 * (1 + 6 * 5 + 1) if on else 0)
+    a = load_file(tmp_path / "vectorised-True" / "checkpoint" / "trainable.safetensors")
+    b = load_file(tmp_path / "vectorised-False" / "checkpoint" / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert runs[True]["best_metric"] == runs[False]["best_metric"]
+
+
 def test_gradient_accumulation_matches_the_bigger_batch(tmp_path, monkeypatch, tiny_run):
     import lorafit.train as train_module
 
@@ -222,7 +245,7 @@ def _fake_checkpointed_run(cfg, folder: str = "checkpoint") -> None:
 
 
 @pytest.mark.parametrize("field, value", [("log_steps", 3), ("save_steps", 5), ("eval_batch_size", 7),
-                                          ("num_threads", 1), ("progress", True)])
+                                          ("num_threads", 1), ("progress", True), ("vectorised_masks", False)])
 def test_resume_accepts_changes_to_how_a_run_executes(tiny_run, field, value):
     from lorafit.run import RunDir
 
@@ -331,7 +354,8 @@ def test_field_tags_give_the_lists_the_rest_of_lorafit_uses():
     from lorafit.config import LORA_ONLY, NOT_SETTINGS, ONE_OFF_KEYS, PER_RUN_KEYS, RUNTIME_KEYS
 
     assert RUNTIME_KEYS == {"eval_batch_size", "output_dir", "overwrite", "resume", "save_steps", "log_steps",
-                            "num_threads", "progress", "device", "report_to", "reuse_memory", "allocator"}
+                            "num_threads", "progress", "device", "report_to", "reuse_memory", "allocator",
+                            "vectorised_masks"}
     assert PER_RUN_KEYS == {"output_dir", "overwrite", "resume", "seeds"}
     assert set(LORA_ONLY) == {"rank", "alpha", "lora_dropout", "target_modules", "use_rslora", "modules_to_save",
                               "init_adapter", "use_dora", "init_lora_weights", "loraplus_lr_ratio",

@@ -12,8 +12,9 @@ Each is a ``TrainConfig`` field, so ``lorafit bench`` can switch it and measure 
   shapes, so a compiled model (or CUDA graphs) is built a few times, not once per length.
 * ``compile``: ``torch.compile`` of the model's forward and backward (inductor); on a GPU
   ``reduce-overhead`` mode replays CUDA graphs, removing per-kernel launch cost.
-* ``fast_dropout`` and ``reuse_memory`` live with what they change: :mod:`lorafit.cpu_dropout`
-  (dropout masks) and :func:`lorafit.allocator.reuse_freed_memory` (malloc).
+* ``fast_dropout``, ``vectorised_masks`` and ``reuse_memory`` live with what they change:
+  :mod:`lorafit.cpu_dropout` (cheaper masks from another stream), :mod:`lorafit.mt_masks`
+  (PyTorch's own masks, drawn faster) and :func:`lorafit.allocator.reuse_freed_memory` (malloc).
 """
 
 from __future__ import annotations

@@ -127,6 +127,9 @@ def _load() -> Any:
             from lorafit import mt_kernels
         except ImportError:
             _kernels = False
+        except (RuntimeError, OSError) as err:  # Numba present but unusable: no cache folder it may write
+            warnings.warn(f"lorafit: PyTorch's dropout sampler stays ({type(err).__name__}: {err})", stacklevel=2)
+            _kernels = False
         else:
             _kernels = mt_kernels
     return _kernels or None

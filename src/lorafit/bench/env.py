@@ -19,7 +19,7 @@ from lorafit.allocator import active as active_allocator
 
 # CPU flags (as /proc/cpuinfo spells them) that decide how fast bf16 matmuls can run.
 MATRIX_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
-VERSIONED = ("torch", "transformers", "accelerate", "peft", "lorafit")
+VERSIONED = ("torch", "transformers", "accelerate", "peft", "numba", "lorafit")
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
