@@ -112,6 +112,16 @@ def test_without_numba_pytorchs_kernel_stays(monkeypatch):
         assert "mt_masks" not in _cpu_kernel()
 
 
+def test_the_check_before_first_use_passes_here_and_a_failed_one_keeps_pytorchs_kernel(monkeypatch):
+    assert mt_masks._agrees_with_pytorch()
+    monkeypatch.setattr(mt_masks, "_kernels", None)  # not loaded yet in this process
+    monkeypatch.setattr(mt_masks, "_agrees_with_pytorch", lambda: False)  # as on a PyTorch whose sampler differs
+    with pytest.warns(UserWarning, match="PyTorch's own stays"):
+        assert not mt_masks.available()
+    with mt_masks.drawn_vectorised() as on:
+        assert not on and "mt_masks" not in _cpu_kernel()
+
+
 @pytest.mark.parametrize("p", [1.5, -0.1, float("nan")])
 def test_a_bad_probability_gets_pytorchs_error(p):
     with pytest.raises(RuntimeError) as expected:

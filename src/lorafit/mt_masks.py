@@ -13,10 +13,12 @@ the CPU while a training loop runs. The kernel is compiled by Numba. It reads th
 state, fills the tensor in the order PyTorch's kernel visits it, and writes the advanced state
 back. So the masks are PyTorch's bit for bit, and so are the stream after them, checkpoints and
 resumes, and every trained weight. A run with it repeats PEFT's and lorafit's earlier runs exactly.
-Numba, rather than a C++ extension, because it is a wheel on every platform PyTorch supports: it
-needs no compiler where lorafit is installed.
+Numba rather than a C++ extension, because Numba ships as wheels: it needs no compiler where
+lorafit is installed.
 
-Where Numba is not installed, nothing is replaced and PyTorch's kernel runs: the same numbers, at
+Before first use in a process, the kernel is checked against PyTorch's on a sample (masks and the
+stream after them, fp32 and bf16). Where Numba is not installed, or that check fails (a PyTorch
+whose generator differs), nothing is replaced and PyTorch's kernel runs: the same numbers, at
 PyTorch's speed. Unlike ``fast_dropout`` (:mod:`lorafit.cpu_dropout`) this changes no result, so it
 is on by default.
 """
@@ -34,15 +36,16 @@ import numpy as np
 import torch
 
 N = 624  # MT19937's words of state
-# lorafit.mt_kernels once imported (its kernels compile on first use: seconds, then cached on disk);
-# False where Numba is not installed.
+# lorafit.mt_kernels once imported and checked (_agrees_with_pytorch, which compiles the kernels:
+# seconds the first time, then loaded from Numba's cache); False where it cannot be used.
 _kernels: Any = None
 _lock = threading.Lock()
-_active: list[Any] = []  # the one torch.library registration while any drawn_vectorised() is open
+# How many drawn_vectorised() blocks are open, and the one torch.library registration they share.
+_open: dict[str, Any] = {"blocks": 0, "library": None}
 
 
 def available() -> bool:
-    """Whether the vectorised kernel can run here (Numba importable)."""
+    """Whether the vectorised kernel runs here: Numba importable, and PyTorch's masks reproduced."""
     return _load() is not None
 
 
@@ -53,27 +56,29 @@ def drawn_vectorised(enabled: bool = True) -> Iterator[bool]:
     Yields whether it does: False when ``enabled`` is False or Numba is missing. Blocks nest; the
     kernel is registered once and PyTorch's own comes back when the outermost block ends. The
     replacement is process-wide while it lasts, as any PyTorch kernel is: a ``bernoulli_`` on
-    another thread gets it too, with the same numbers PyTorch's would give.
+    another thread gets it too, with the same numbers PyTorch's would give. Unlike PyTorch's, the
+    kernel does not lock the generator while it draws, so two threads drawing from one generator
+    at the same moment would not get PyTorch's numbers (a training loop draws from one thread).
     """
     if not enabled or _load() is None:
         yield False
         return
     with _lock:
-        if not _active:
+        if _open["blocks"] == 0:
             library = torch.library.Library("aten", "IMPL")
             with warnings.catch_warnings():  # "Overriding a previously registered kernel": that is the point
                 warnings.simplefilter("ignore")
                 library.impl("bernoulli_.float", _bernoulli_, "CPU")
-            _active.append(library)
-            _compile(_load())
-        _active.append(None)
+            _open["library"] = library
+        _open["blocks"] += 1
     try:
         yield True
     finally:
         with _lock:
-            _active.pop()
-            if len(_active) == 1:
-                _active.pop()._destroy()
+            _open["blocks"] -= 1
+            if _open["blocks"] == 0:
+                _open["library"]._destroy()
+                _open["library"] = None
 
 
 # The bit pattern of 1 in each float dtype, written straight into the tensor's memory.
@@ -102,7 +107,7 @@ def _bernoulli_(self: torch.Tensor, p: float = 0.5, *, generator: torch.Generato
     mt = fields[24 : 24 + 8 * N].view(np.uint64).astype(np.uint32)
     # Kept when (hi's low 21 bits, lo) as a 53-bit integer k satisfies k * 2^-53 < p, i.e. k < ceil(p * 2^53).
     bound = math.ceil(p * 2.0**53)
-    left, nxt = _load().fill(mt, left, nxt, np.uint32(bound >> 32), np.uint32(bound & 0xFFFF_FFFF), words(one),
+    left, nxt = _kernels.fill(mt, left, nxt, np.uint32(bound >> 32), np.uint32(bound & 0xFFFF_FFFF), words(one),
                              out.view(-1).view(as_int).numpy().view(words))
     if not direct:
         target.copy_(out)
@@ -112,15 +117,27 @@ def _bernoulli_(self: torch.Tensor, p: float = 0.5, *, generator: torch.Generato
     return self
 
 
-def _compile(kernels: Any) -> None:
-    """Compile (or load from Numba's cache) the kernels for the dtypes training meets, fp32 and
-    bf16, now rather than in the first timed step."""
-    for words in (np.uint32, np.uint16):
-        kernels.fill(np.zeros(N, np.uint32), 1, 0, np.uint32(0), np.uint32(0), words(1), np.empty(1, words))
+def _agrees_with_pytorch() -> bool:
+    """Whether the kernel gives PyTorch's masks and stream here: checked once a process, on both
+    dtypes training meets (fp32, bf16), which also compiles them (or loads them from Numba's
+    cache) now rather than in the first timed step. A PyTorch whose generator state or sampler
+    differs from the one this was written against fails it, and keeps its own kernel."""
+    for dtype in (torch.float32, torch.bfloat16):
+        draws = []
+        for sampler in (torch.Tensor.bernoulli_, _bernoulli_):
+            generator = torch.Generator().manual_seed(1234)
+            torch.rand(5, generator=generator)  # an odd position in the state
+            mask = sampler(torch.empty(1001, dtype=dtype), 0.9, generator=generator)
+            draws.append((mask, torch.rand(3, generator=generator)))
+        (mask, after), (ours, ours_after) = draws
+        if not (torch.equal(mask, ours) and torch.equal(after, ours_after)):
+            return False
+    return True
 
 
 def _load() -> Any:
-    """:mod:`lorafit.mt_kernels`, imported once; None where Numba is not installed."""
+    """:mod:`lorafit.mt_kernels`, imported and checked once; None where Numba is not installed or
+    the kernel does not give PyTorch's masks."""
     global _kernels
     if _kernels is None:
         try:
@@ -132,4 +149,8 @@ def _load() -> Any:
             _kernels = False
         else:
             _kernels = mt_kernels
+            if not _agrees_with_pytorch():
+                warnings.warn("lorafit: the vectorised dropout sampler does not give this PyTorch's masks; "
+                              "PyTorch's own stays", stacklevel=2)
+                _kernels = False
     return _kernels or None
