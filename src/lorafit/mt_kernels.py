@@ -55,9 +55,10 @@ def fill(mt, left, nxt, bound_hi, bound_lo, one, out):
     """Fill ``out`` with ``one`` where an element is kept, else 0, as PyTorch's ``bernoulli_`` does.
 
     ``mt`` (updated in place), ``left`` and ``nxt`` are PyTorch's mt19937 state: words ``nxt`` to
-    623 of ``mt`` are still to be used, unless ``left`` is 1, when all are. An element takes two
-    words ``hi, lo`` and is kept when ``(hi & 0x1FFFFF) * 2^32 + lo < bound`` (``bound_hi``,
-    ``bound_lo``: its upper and lower 32 bits). Returns the new ``left, nxt``.
+    623 of ``mt`` are still to be used; where ``left`` is 1 none is, and the next word needs the
+    next state. An element takes two words ``hi, lo`` and is kept when
+    ``(hi & 0x1FFFFF) * 2^32 + lo < bound`` (``bound_hi``, ``bound_lo``: its upper and lower 32
+    bits). Returns the new ``left, nxt``.
     """
     n = out.shape[0]
     buf = np.empty((_CHUNK + 1) * N, np.uint32)  # the current state, then the states after it
