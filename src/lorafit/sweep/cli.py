@@ -50,7 +50,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         "the sweep in DIR")
     g.add_argument("--jobs", type=_positive_int, default=1,
                    help="cells to train at once, each in its own process with cores/jobs threads (default: 1). "
-                        "On a CPU, one job a core trains small models faster: 1.32x for --jobs 2 on 2 "
+                        "On a CPU, one job a core trains small models faster: 1.14x for --jobs 2 on 2 "
                         "cores (docs/performance.md)")
     g.add_argument("--overwrite", action="store_true",
                    help="make DIR match this grid: delete runs with other settings and cells of an earlier "
