@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 N = 624  # MT19937's words of state
+_STATE_BYTES = 5056  # a CPU generator's get_state(): CPUGeneratorImplState, as _bernoulli_ reads it
 # lorafit.mt_kernels once imported and checked (_agrees_with_pytorch, which compiles the kernels:
 # seconds the first time, then loaded from Numba's cache); False where it cannot be used.
 _kernels: Any = None
@@ -122,6 +123,8 @@ def _agrees_with_pytorch() -> bool:
     dtypes training meets (fp32, bf16), which also compiles them (or loads them from Numba's
     cache) now rather than in the first timed step. A PyTorch whose generator state or sampler
     differs from the one this was written against fails it, and keeps its own kernel."""
+    if torch.Generator().get_state().numel() != _STATE_BYTES:  # not the layout _bernoulli_ reads
+        return False
     for dtype in (torch.float32, torch.bfloat16):
         draws = []
         for sampler in (torch.Tensor.bernoulli_, _bernoulli_):
