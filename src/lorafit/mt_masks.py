@@ -97,9 +97,11 @@ def _bernoulli_(self: torch.Tensor, p: float = 0.5, *, generator: torch.Generato
     # PyTorch's kernel visits the elements in memory order: dimensions by decreasing stride.
     order = sorted(range(self.dim()), key=lambda d: -self.stride(d))
     target = self.detach().permute(order)
-    words, as_int, one = _ONE.get(self.dtype, (np.uint8, torch.uint8, 1))
-    direct = target.is_contiguous() and self.dtype in _ONE
-    out = target if direct else torch.empty(target.shape, dtype=self.dtype if self.dtype in _ONE else torch.uint8)
+    # Other dtypes get a uint8 mask, cast into the tensor: 0 and 1 are exact in every dtype.
+    float_bits = self.dtype in _ONE
+    words, as_int, one = _ONE[self.dtype] if float_bits else (np.uint8, torch.uint8, 1)
+    direct = float_bits and target.is_contiguous()
+    out = target if direct else torch.empty(target.shape, dtype=self.dtype if float_bits else as_int)
     gen = generator if generator is not None else torch.default_generator
     state = gen.get_state()
     fields = state.numpy()
