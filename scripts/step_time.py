@@ -10,8 +10,10 @@ clip, optimizer, scheduler) on batches of the median padded width, alternating t
 round by round so that drift on a shared machine hits them alike. Prints the median ms a step
 of each and its speed against the first. ``lorafit bench`` measures whole runs against the
 baseline; this isolates the step, where one setting's effect is not diluted by start-up,
-evaluation and batches of other widths. Settings: ``plain`` (lorafit's defaults) and
-``fast_dropout`` (``--fast-dropout``), each optionally with a part of the model taken out to see
+evaluation and batches of other widths. Settings: ``plain`` (lorafit's defaults),
+``fast_dropout`` (``--fast-dropout``), ``pytorch`` (``--no-vectorised-masks``: PyTorch's mask
+kernel and SDPA) and ``masks_only`` (the vectorised masks without lorafit's attention and
+dropout noise: the defaults before those came), each optionally with a part of the model taken out to see
 what it costs (``fast_dropout-attention``, ``plain-gelu``, ``fast_dropout-layernorm``; see
 ``lorafit.bench.step.remove_part``), and optionally compiled (``plain@compile``: ``torch.compile``
 in inductor's default mode with static shapes, as ``lorafit train --compile`` uses on a CPU; one
@@ -40,7 +42,7 @@ from lorafit.config import make_config
 from lorafit.models import load_tokenizer
 from lorafit.setup import load_data
 
-SETTINGS = ("plain", "fast_dropout")
+SETTINGS = ("plain", "fast_dropout", "masks_only", "pytorch")
 
 
 def main() -> None:
@@ -72,7 +74,9 @@ def main() -> None:
         torch.manual_seed(0)
         name, compiled, _ = setting.partition("@compile")
         base, _, part = name.partition("-")
-        model, steps[setting] = training_step(cfg.replace(fast_dropout=base == "fast_dropout"), task, data)
+        model, steps[setting] = training_step(
+            cfg.replace(fast_dropout=base == "fast_dropout", vectorised_masks=base != "pytorch"), task, data,
+            vectorised_dropout=base != "masks_only")
         if part:
             remove_part(model, part)
         if compiled:  # in place, so that the step built above calls the compiled forward

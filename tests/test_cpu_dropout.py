@@ -187,3 +187,133 @@ def test_fast_dropout_trains_every_architecture_and_keeps_its_eval_logits(kind, 
     assert grads and all(torch.isfinite(g).all() for g in grads)
     model.save_pretrained(tmp_path)  # the registered name is not saved: it loads anywhere
     assert cpu_dropout.FAST_ATTENTION not in (tmp_path / "config.json").read_text()
+
+
+def _qkv(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, 4, 9, 8, generator=generator).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def _padding(lengths: list[int], width: int = 9) -> torch.Tensor:
+    """Key padding as Transformers' SDPA mask gives it: [batch, 1, queries, keys], True = attend."""
+    keep = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+    return keep[:, None, None, :].expand(len(lengths), 1, width, width)
+
+
+def _attend(attention, layer, qkv, mask, autocast: bool, **kwargs):
+    """Output and the gradients of q, k, v, from a fixed point of the default generator."""
+    torch.manual_seed(7)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out, _ = attention(layer, *qkv, mask, **kwargs)
+    grad = torch.arange(out.numel(), dtype=torch.float32).view(out.shape).sin().to(out.dtype)
+    return (out, *torch.autograd.grad(out, qkv, grad), torch.rand(2))
+
+
+@pytest.mark.parametrize("dtype, autocast", [(torch.bfloat16, True), (torch.float32, True), (torch.float32, False),
+                                             (torch.bfloat16, False)])
+@pytest.mark.parametrize("mask", ["padding", "none"])
+@pytest.mark.parametrize("scaling", [None, 0.3])
+def test_vectorised_attention_is_sdpas_math_path_bit_for_bit(dtype, autocast, mask, scaling, monkeypatch):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from lorafit import mt_masks
+
+    ran = []
+    math_attention = cpu_dropout._math_attention
+    monkeypatch.setattr(cpu_dropout, "_math_attention", lambda *a: ran.append(1) or math_attention(*a))
+    layer = _tiny_encoder("bert").bert.encoder.layer[0].attention.self.train()
+    keep = _padding([9, 4, 1]) if mask == "padding" else None
+    qkv = _qkv(dtype)
+    with mt_masks.drawn_vectorised():
+        ours = _attend(cpu_dropout.vectorised_attention, layer, qkv, keep, autocast, scaling=scaling, dropout=0.25)
+        sdpa = _attend(sdpa_attention_forward, layer, qkv, keep, autocast, scaling=scaling, dropout=0.25)
+    assert ran == [1]  # its own path, not SDPA handed on
+    assert ours[0].shape == (3, 9, 4, 8) and ours[0].is_contiguous()
+    for a, b in zip(ours, sdpa):  # output, three gradients, and the generator after
+        assert a.dtype == b.dtype
+        assert torch.equal(a, b)
+    assert not torch.equal(ours[0], _attend(sdpa_attention_forward, layer, qkv, keep, autocast, scaling=scaling)[0])
+
+
+def test_vectorised_attention_hands_sdpa_what_it_would_not_reproduce(monkeypatch):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    ran = []
+    math_attention = cpu_dropout._math_attention
+    monkeypatch.setattr(cpu_dropout, "_math_attention", lambda *a: ran.append(1) or math_attention(*a))
+    layer = _tiny_encoder("bert").bert.encoder.layer[0].attention.self
+    no_key = _padding([9, 4, 1]).clone()
+    no_key[2, :, 5] = False  # query 5 of the third sequence sees no key: SDPA gives it zeros, softmax NaN
+    additive = torch.zeros(3, 1, 9, 9).masked_fill_(~_padding([9, 4, 1]), -1e4)
+    cases = [(True, no_key, 0.25), (True, additive, 0.25), (False, _padding([9, 4, 1]), 0.25),
+             (True, _padding([9, 4, 1]), 0.0)]
+    for training, mask, p in cases:
+        layer.train(training)
+        qkv = _qkv(torch.float32)
+        ours = _attend(cpu_dropout.vectorised_attention, layer, qkv, mask, False, scaling=0.3, dropout=p)
+        sdpa = _attend(sdpa_attention_forward, layer, qkv, mask, False, scaling=0.3, dropout=p)
+        for a, b in zip(ours, sdpa):
+            assert torch.equal(a, b)
+    assert ran == []
+    assert torch.isfinite(ours[0]).all()
+    # The mask every layer of a pass shares is checked and converted once; a new one gets its own.
+    keep = _padding([9, 4, 1])
+    converted = cpu_dropout._checked_mask(keep)
+    assert cpu_dropout._checked_mask(keep) is converted
+    assert torch.equal(converted == 0, keep) and torch.equal(converted.isneginf(), ~keep)
+    assert cpu_dropout._checked_mask(no_key) is False and cpu_dropout._checked_mask(None) is None
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "deberta-v2"])
+def test_use_vectorised_dropout_changes_no_bit_of_training_or_evaluation(kind, tmp_path):
+    from lorafit import mt_masks
+
+    ids = torch.randint(2, 99, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    mask[2, 3:] = 0
+    results = {}
+    for swapped in (False, True):
+        model = _tiny_encoder(kind)
+        inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.1, target_modules=["query", "value"]
+                                      if kind != "deberta-v2" else ["query_proj", "value_proj"]).resolved(kind))
+        dropouts = sum(isinstance(m, torch.nn.Dropout) for m in model.modules())
+        if swapped:
+            assert cpu_dropout.use_vectorised_dropout(model) == dropouts
+            assert all(type(m) is cpu_dropout.VectorisedDropout
+                       for m in model.modules() if isinstance(m, torch.nn.Dropout))
+            # DeBERTa computes its own attention (its dropout is one of the swapped modules).
+            switched = model.config._attn_implementation == cpu_dropout.VECTORISED_ATTENTION
+            assert switched == (kind != "deberta-v2")
+        model.eval()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        model.train()
+        torch.manual_seed(1)
+        with mt_masks.drawn_vectorised(), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 1])).loss
+        loss.backward()
+        results[swapped] = [logits, loss, *(p.grad for p in model.parameters() if p.grad is not None)]
+    assert len(results[True]) == len(results[False]) > 2
+    for a, b in zip(results[False], results[True]):
+        assert torch.equal(a, b)
+    model.save_pretrained(tmp_path)  # the registered name is not saved: it loads anywhere
+    assert cpu_dropout.VECTORISED_ATTENTION not in (tmp_path / "config.json").read_text()
+
+
+def test_a_pytorch_whose_sdpa_differs_keeps_sdpa_with_a_warning(monkeypatch):
+    assert cpu_dropout._agrees_with_sdpa()
+    monkeypatch.setattr(cpu_dropout, "_agreement", [False])  # as on a PyTorch whose math path differs
+    model = _tiny_encoder("bert")
+    with pytest.warns(UserWarning, match="SDPA stays"):
+        assert cpu_dropout.use_vectorised_dropout(model) > 0
+    assert model.config._attn_implementation == "sdpa"
+    assert all(type(m) is cpu_dropout.VectorisedDropout for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_the_check_of_the_attention_leaves_the_default_generator_where_it_was(monkeypatch):
+    monkeypatch.setattr(cpu_dropout, "_agreement", [])
+    torch.manual_seed(4)
+    expected = torch.rand(3)
+    torch.manual_seed(4)
+    assert cpu_dropout._agrees_with_sdpa() and cpu_dropout._agreement == [True]
+    assert torch.equal(torch.rand(3), expected)

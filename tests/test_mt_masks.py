@@ -83,6 +83,48 @@ def test_dropout_and_attention_dropout_train_as_with_pytorchs_kernel():
         assert torch.equal(a, b)
 
 
+DROPOUT_INPUTS = {**{k: v for k, v in SHAPES.items() if k not in ("scalar", "empty")},
+                  "activation": lambda dtype: torch.empty(8, 53, 384, dtype=dtype)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", DROPOUT_INPUTS)
+def test_dropout_writing_the_scaled_noise_at_once_is_f_dropout_bit_for_bit(dtype, shape):
+    x = DROPOUT_INPUTS[shape](dtype).normal_().requires_grad_()
+    grad = torch.randn(x.shape).to(dtype)
+    for p in (0.1, 0.25, 1 / 3, 0.9):
+        results = []
+        for ours in (False, True):
+            torch.manual_seed(3)
+            with mt_masks.drawn_vectorised():
+                out = mt_masks.dropout(x, p) if ours else F.dropout(x, p, training=True)
+            results.append((out, *torch.autograd.grad(out, x, grad), torch.rand(3)))
+        for a, b in zip(*results):
+            assert a.dtype == b.dtype and a.stride() == b.stride()
+            assert torch.equal(a, b), (p, shape)
+    kept = results[1][0] != 0
+    assert 0 < kept.float().mean() < 1  # some dropped, some kept: the case is not trivial
+
+
+def test_dropout_writes_its_noise_only_inside_a_block_and_for_a_proper_probability(monkeypatch):
+    written = []
+    kernel = mt_masks._fill
+    monkeypatch.setattr(mt_masks, "_fill", lambda *a: written.append(a[3]) or kernel(*a))
+    x = torch.randn(50, 7)
+    for p in (0.0, 1.0):  # F.dropout's own cases: the input itself, zeros
+        with mt_masks.drawn_vectorised():
+            assert torch.equal(mt_masks.dropout(x, p), F.dropout(x, p, training=True))
+    torch.manual_seed(1)
+    outside = mt_masks.dropout(x, 0.2)  # no block open: F.dropout and PyTorch's kernel
+    torch.manual_seed(1)
+    assert torch.equal(outside, F.dropout(x, 0.2, training=True))
+    assert written == []
+    with mt_masks.drawn_vectorised():
+        mt_masks.dropout(x, 0.2)
+    assert written == [torch.ones(1).div_(0.8).view(torch.int32).item()]  # 1 / 0.8 as div_ rounds it
+    assert mt_masks._scaled_one(torch.complex64, 0.8) is None  # a dtype it does not write: F.dropout's path
+
+
 def _cpu_kernel() -> str:
     dump = torch._C._dispatch_dump("aten::bernoulli_.float")
     return next(line for line in dump.splitlines() if line.startswith("CPU:"))

@@ -107,18 +107,21 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, tiny_run, interrup
 def test_vectorised_masks_train_the_same_weights_as_pytorchs_kernel(tmp_path, tiny_run, monkeypatch):
     from lorafit import mt_masks
 
+    assert mt_masks.available()  # its one-off check draws masks too: done before counting
     calls = []
-    kernel = mt_masks._bernoulli_
-    monkeypatch.setattr(mt_masks, "_bernoulli_", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    kernel = mt_masks._fill
+    monkeypatch.setattr(mt_masks, "_fill", lambda *a, **k: calls.append(a[3] is not None) or kernel(*a, **k))
     common = {"max_steps": 4, "eval_steps": 4, "lora_dropout": 0.1}
     runs = {}
     for on in (True, False):
         calls.clear()
         runs[on] = train(tiny_run(f"vectorised-{on}", vectorised_masks=on, **common))
         assert runs[on]["speed"]["vectorised_masks"] is on
-        # Every mask or none: 4 steps x (the embeddings', 6 layers x (attention probabilities, 2 hidden
-        # states, 2 LoRA inputs), the head's)
-        assert len(calls) == (4 * (1 + 6 * 5 + 1) if on else 0)
+        # Every mask or none, each written as dropout's scaled noise: 4 steps x (the embeddings', 6
+        # layers x (attention probabilities, 2 hidden states, 2 LoRA inputs), the head's)
+        assert calls == ([True] * 4 * (1 + 6 * 5 + 1) if on else [])
+        # SDPA's math path reproduced (without its masked-row checks) where the masks are vectorised
+        assert runs[on]["speed"]["attention"] == ("lorafit_vectorised_masks" if on else "sdpa")
     a = load_file(tmp_path / "vectorised-True" / "checkpoint" / "trainable.safetensors")
     b = load_file(tmp_path / "vectorised-False" / "checkpoint" / "trainable.safetensors")
     assert a.keys() == b.keys()

@@ -1,21 +1,35 @@
-"""Dropout whose CPU masks cost a fraction of PyTorch's (``TrainConfig.fast_dropout``).
+"""Dropout on the CPU, cheaper than PyTorch's: other masks (``fast_dropout``), or PyTorch's own
+with less work (``vectorised_masks``).
 
 On the CPU, ``F.dropout`` draws its mask with ``bernoulli_``: two 32-bit Mersenne-Twister
 numbers per element on one thread, about a third of a 2-thread training step of the embedded
-model (docs/performance.md). Here one 64-bit draw of a NumPy SFC64 stream decides four elements.
-:func:`use_fast_dropout` puts :class:`FastDropout` in place of every ``nn.Dropout`` of a model,
-LoRA's included, and gives BERT-style models :func:`fast_attention`, whose probabilities' dropout
-is drawn the same way. Its masks differ from ``nn.Dropout``'s (so a run is not PEFT's bit for
-bit), which is why the option is off by default. Evaluation, p = 0 and GPUs are untouched.
+model (docs/performance.md). Two ways out:
+
+* :func:`use_fast_dropout` (``TrainConfig.fast_dropout``): one 64-bit draw of a NumPy SFC64 stream
+  decides four elements. It puts :class:`FastDropout` in place of every ``nn.Dropout`` of a model,
+  LoRA's included, and gives BERT-style models :func:`fast_attention`, whose probabilities'
+  dropout is drawn the same way. Its masks differ from ``nn.Dropout``'s (so a run is not PEFT's
+  bit for bit), which is why the option is off by default.
+* :func:`use_vectorised_dropout` (``TrainConfig.vectorised_masks``, the default): PyTorch's own
+  masks from :mod:`lorafit.mt_masks`' vectorised kernel, written straight as dropout's scaled
+  noise (:class:`VectorisedDropout`), and SDPA's math path without its masked-row checks
+  (:func:`vectorised_attention`). Every output and gradient is PyTorch's, bit for bit.
+
+Evaluation, p = 0 and GPUs are untouched by either.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from lorafit import mt_masks
 
 
 def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -69,14 +83,25 @@ def use_fast_dropout(model: nn.Module) -> int:
     attention interface (BERT, RoBERTa); DeBERTa computes its own attention, whose dropout is an
     ``nn.Dropout`` module and so swapped with the rest.
     """
+    return _swap_dropouts(model, FastDropout, FAST_ATTENTION, fast_attention)
+
+
+def _swap_dropouts(model: nn.Module, dropout: type[nn.Dropout], attention_name: str, attention: Any) -> int:
+    """Every ``nn.Dropout`` of ``model`` becomes a ``dropout`` of the same ``p``, and SDPA attention
+    run through Transformers' attention interface becomes ``attention`` (unless None)."""
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if type(child) is nn.Dropout]
     for parent, name, child in swaps:
-        setattr(parent, name, FastDropout(child.p).train(child.training))
+        setattr(parent, name, dropout(child.p).train(child.training))
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) == "sdpa" and getattr(model, "_supports_attention_backend", False):
-        _register_fast_attention()
-        model.set_attn_implementation(FAST_ATTENTION)
+    if (attention is not None and getattr(config, "_attn_implementation", None) == "sdpa"
+            and getattr(model, "_supports_attention_backend", False)):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(attention_name, attention)
+        AttentionMaskInterface.register(attention_name, sdpa_mask)  # the same masks SDPA is given
+        model.set_attn_implementation(attention_name)
     return len(swaps)
 
 
@@ -136,9 +161,133 @@ def _additive_mask(mask: torch.Tensor) -> torch.Tensor:
     return _last_mask[1]
 
 
-def _register_fast_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+class VectorisedDropout(nn.Dropout):
+    """``nn.Dropout`` with PyTorch's own masks written straight as the scaled noise
+    (:func:`lorafit.mt_masks.dropout`): the same output and gradient, one pass cheaper. It is
+    ``nn.Dropout`` itself outside a :func:`lorafit.mt_masks.drawn_vectorised` block, in eval mode,
+    in place, and on a GPU."""
 
-    AttentionInterface.register(FAST_ATTENTION, fast_attention)
-    AttentionMaskInterface.register(FAST_ATTENTION, sdpa_mask)  # the same masks SDPA is given
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.inplace:
+            return super().forward(x)
+        return mt_masks.dropout(x, self.p)
+
+
+def use_vectorised_dropout(model: nn.Module) -> int:
+    """Replace every ``nn.Dropout`` in ``model`` (LoRA's too) with a :class:`VectorisedDropout` of
+    the same ``p``, and SDPA attention with :func:`vectorised_attention`; returns how many dropouts
+    were replaced. Nothing any of them computes changes, so this is what the defaults run.
+
+    The attention stays SDPA's where :func:`vectorised_attention` would not reproduce it here (a
+    PyTorch whose math path computes otherwise), with a warning.
+    """
+    if not _agrees_with_sdpa():
+        warnings.warn("lorafit: the training attention does not reproduce this PyTorch's SDPA; SDPA stays",
+                      stacklevel=2)
+        return _swap_dropouts(model, VectorisedDropout, "sdpa", None)  # the masks alone
+    return _swap_dropouts(model, VectorisedDropout, VECTORISED_ATTENTION, vectorised_attention)
+
+
+VECTORISED_ATTENTION = "lorafit_vectorised_masks"  # not saved in config.json either
+
+
+def vectorised_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                         **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Transformers' SDPA attention; in CPU training with dropout, SDPA's own math path, the same
+    bits with less work.
+
+    With dropout in training, PyTorch's CPU SDPA runs its math path: queries, keys and values
+    upcast to fp32, each of queries and keys scaled by the root of the scale, the two products,
+    the mask added, softmax, dropout, and the output cast back. This is that sequence, op for op,
+    so autograd records the same backward, with two differences that change no bit: the softmax
+    skips SDPA's check of every row for full masking (``_safe_softmax``: ``isneginf``, ``all``
+    and ``where`` over the scores, 4% of an MRPC step), which is only needed where a query sees
+    no key at all, and such a mask is handed to SDPA itself; and the probabilities' dropout
+    writes its scaled noise at once (:func:`lorafit.mt_masks.dropout`). 3.2 against 4.0 ms a
+    layer forward and backward for MRPC's 16 x 12 x 53 x 53 (bf16, 2 threads). Everything else
+    (evaluation, p = 0, a GPU, float masks, causal or grouped attention) is SDPA's attention.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    mask = _checked_mask(attention_mask)
+    if (not (module.training and dropout > 0 and query.device.type == "cpu") or mask is False
+            or (scaling is not None and scaling < 0) or getattr(module, "is_causal", False)
+            or getattr(module, "num_key_value_groups", 1) > 1
+            or any(kwargs.get(k) is not None for k in ("is_causal", "position_bias", "softcap"))):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    out = _math_attention(query, key, value, mask, dropout, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _math_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                    dropout: float, scaling: float | None) -> torch.Tensor:
+    """PyTorch's ``_scaled_dot_product_attention_math``, op for op, with a plain softmax."""
+    dtype = query.dtype
+    if torch.is_autocast_enabled("cpu"):  # SDPA is one of autocast's lower-precision ops
+        dtype = torch.get_autocast_dtype("cpu")
+    # As SDPA's kernel, which runs below autocast: nothing inside is cast again.
+    with torch.autocast("cpu", enabled=False):
+        q, k, v = (t.to(dtype) for t in (query, key, value))
+        if dtype in (torch.bfloat16, torch.float16):  # the math path computes in fp32
+            q, k, v = q.float(), k.float(), v.float()
+        root = math.sqrt(1.0 / math.sqrt(query.size(-1)) if scaling is None else scaling)
+        scores = torch.matmul(q * root, k.transpose(-2, -1) * root)
+        if mask is not None:
+            scores.add_(mask)
+        probs = mt_masks.dropout(torch.softmax(scores, dim=-1), dropout)
+        return torch.matmul(probs, v).to(dtype)
+
+
+# The last boolean mask seen and its SDPA form: Transformers builds one mask a forward pass and
+# hands the same tensor to every layer, so it is checked and converted once, not per layer.
+_last_exact: list[Any] = []
+
+
+def _checked_mask(mask: torch.Tensor | None) -> torch.Tensor | None | bool:
+    """``mask`` as SDPA adds it to the scores (0 where a key is attended, -inf where not); False
+    where :func:`_math_attention` would not reproduce SDPA: a float mask, or a query row that
+    attends to no key (SDPA's softmax gives it zeros, a plain softmax NaN)."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        return False
+    if not _last_exact or _last_exact[0] is not mask:
+        every_row_sees_a_key = bool(mask.any(dim=-1).all())
+        additive = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        _last_exact[:] = [mask, additive.masked_fill_(mask.logical_not(), -math.inf) if every_row_sees_a_key else False]
+    return _last_exact[1]
+
+
+def _agrees_with_sdpa() -> bool:
+    """Whether :func:`_math_attention` gives SDPA's output and gradients here, bit for bit:
+    checked once a process (a few milliseconds), in bf16 autocast and fp32, with padding and
+    dropout. The default generator is left as it was found."""
+    if _agreement:
+        return _agreement[0]
+    rng = torch.get_rng_state()
+    try:
+        generator = torch.Generator().manual_seed(0)
+        lengths = torch.tensor([7, 3])
+        mask = (torch.arange(7)[None, :] < lengths[:, None])[:, None, None, :].expand(2, 1, 7, 7)
+        sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.25, scale=0.3)
+        ours = lambda q, k, v: _math_attention(q, k, v, _checked_mask(mask), 0.25, 0.3)
+        agrees = True
+        for dtype, autocast in ((torch.bfloat16, True), (torch.float32, False)):
+            qkv = [torch.randn(2, 3, 7, 8, generator=generator).to(dtype).requires_grad_() for _ in range(3)]
+            grad = torch.randn(2, 3, 7, 8, generator=generator).to(dtype)
+            results = []
+            for attention in (sdpa, ours):
+                torch.manual_seed(5)
+                with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    out = attention(*qkv)
+                results.append((out, *torch.autograd.grad(out, qkv, grad)))
+            agrees = agrees and all(torch.equal(a, b) for a, b in zip(*results))
+    finally:
+        torch.set_rng_state(rng)
+    _agreement.append(agrees)
+    return agrees
+
+
+_agreement: list[bool] = []

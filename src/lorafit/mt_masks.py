@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 N = 624  # MT19937's words of state
 _STATE_BYTES = 5056  # a CPU generator's get_state(): CPUGeneratorImplState, as _bernoulli_ reads it
@@ -82,6 +83,45 @@ def drawn_vectorised(enabled: bool = True) -> Iterator[bool]:
                 _open["library"] = None
 
 
+def active() -> bool:
+    """Whether a :func:`drawn_vectorised` block is open: CPU masks come from the vectorised kernel."""
+    return _open["blocks"] > 0
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``F.dropout(x, p, training=True)``, bit for bit, forward and backward, one pass cheaper.
+
+    On the CPU, ``F.dropout`` fills a mask of 0 and 1 (``bernoulli_(1 - p)``), divides it by
+    ``1 - p`` and multiplies ``x`` by it. Within a :func:`drawn_vectorised` block the kernel writes
+    0 and the quotient ``1 / (1 - p)`` straight away, rounded as that division rounds it, and the
+    multiply is the same ``x * noise``, so autograd keeps the same backward (``grad * noise``).
+    That saves the division's pass over the mask: 0.44 against 0.53 ms forward and backward for
+    a bf16 848 x 384 activation (2 threads). Elsewhere (no block open, a GPU, other dtypes, p of 0
+    or 1) it is ``F.dropout`` itself.
+    """
+    value = _scaled_one(x.dtype, 1 - p) if active() and 0 < p < 1 and x.device.type == "cpu" else None
+    if value is None or x.numel() == 0:
+        return F.dropout(x, p, training=True)
+    noise = torch.empty_like(x)  # the strides of x, as F.dropout's noise
+    _fill(noise, 1 - p, None, value)
+    return x * noise
+
+
+def _scaled_one(dtype: torch.dtype, keep: float) -> Any:
+    """The bits of ``1 / keep`` in ``dtype`` as PyTorch's ``div_(keep)`` of a mask rounds it (the
+    value a kept element's noise holds in ``F.dropout``); None for dtypes the kernel does not write."""
+    if dtype not in _ONE:
+        return None
+    key = (dtype, keep)
+    if key not in _quotients:
+        words, as_int, _ = _ONE[dtype]
+        # Long enough for the division's vectorised loop and its tail: both must round alike.
+        ones = torch.ones(67, dtype=dtype).div_(keep)
+        _quotients[key] = words(ones[0].view(as_int).item()) if bool((ones == ones[0]).all()) else None
+    return _quotients[key]
+
+
+_quotients: dict[tuple[torch.dtype, float], Any] = {}
 # The bit pattern of 1 in each float dtype, written straight into the tensor's memory.
 _ONE = {torch.float32: (np.uint32, torch.int32, 0x3F80_0000), torch.bfloat16: (np.uint16, torch.int16, 0x3F80),
         torch.float16: (np.uint16, torch.int16, 0x3C00), torch.float64: (np.uint64, torch.int64, 0x3FF0_0000_0000_0000)}
@@ -91,6 +131,12 @@ def _bernoulli_(self: torch.Tensor, p: float = 0.5, *, generator: torch.Generato
     """``aten::bernoulli_.float`` on the CPU: PyTorch's numbers, from the vectorised kernel."""
     if not 0 <= p <= 1:  # PyTorch's own check and message
         raise RuntimeError(f"bernoulli_ expects p to be in [0, 1], but got p={p:g}")
+    return _fill(self, p, generator, None)
+
+
+def _fill(self: torch.Tensor, p: float, generator: torch.Generator | None, value: Any) -> torch.Tensor:
+    """Fill ``self`` as ``bernoulli_(p)`` does, kept elements given ``value`` (bits of the dtype's
+    word), or 1 when ``value`` is None."""
     n = self.numel()
     if n == 0:
         return self
@@ -110,8 +156,8 @@ def _bernoulli_(self: torch.Tensor, p: float = 0.5, *, generator: torch.Generato
     mt = fields[24 : 24 + 8 * N].view(np.uint64).astype(np.uint32)
     # Kept when (hi's low 21 bits, lo) as a 53-bit integer k satisfies k * 2^-53 < p, i.e. k < ceil(p * 2^53).
     bound = math.ceil(p * 2.0**53)
-    left, nxt = _kernels.fill(mt, left, nxt, np.uint32(bound >> 32), np.uint32(bound & 0xFFFF_FFFF), words(one),
-                             out.view(-1).view(as_int).numpy().view(words))
+    left, nxt = _kernels.fill(mt, left, nxt, np.uint32(bound >> 32), np.uint32(bound & 0xFFFF_FFFF),
+                             words(one) if value is None else value, out.view(-1).view(as_int).numpy().view(words))
     if not direct:
         target.copy_(out)
     fields[8:12].view(np.int32)[0], fields[16:24].view(np.uint64)[0] = left, nxt
@@ -127,16 +173,20 @@ def _agrees_with_pytorch() -> bool:
     differs from the one this was written against fails it, and keeps its own kernel."""
     if torch.Generator().get_state().numel() != _STATE_BYTES:  # not the layout _bernoulli_ reads
         return False
+
+    def draw(sampler: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(1234)
+        torch.rand(5, generator=generator)  # an odd position in the state
+        return sampler(torch.empty(1001, dtype=dtype), generator), torch.rand(3, generator=generator)
+
     for dtype in (torch.float32, torch.bfloat16):
-        draws = []
-        for sampler in (torch.Tensor.bernoulli_, _bernoulli_):
-            generator = torch.Generator().manual_seed(1234)
-            torch.rand(5, generator=generator)  # an odd position in the state
-            mask = sampler(torch.empty(1001, dtype=dtype), 0.9, generator=generator)
-            draws.append((mask, torch.rand(3, generator=generator)))
-        (mask, after), (ours, ours_after) = draws
-        if not (torch.equal(mask, ours) and torch.equal(after, ours_after)):
-            return False
+        quotient = _scaled_one(dtype, 0.9)
+        pairs = [(lambda t, g: t.bernoulli_(0.9, generator=g), lambda t, g: _bernoulli_(t, 0.9, generator=g)),
+                 # dropout's noise: the mask divided by the keep probability, and ours written at once
+                 (lambda t, g: t.bernoulli_(0.9, generator=g).div_(0.9), lambda t, g, quotient=quotient: _fill(t, 0.9, g, quotient))]
+        for theirs, ours in pairs:
+            if not all(torch.equal(a, b) for a, b in zip(draw(theirs, dtype), draw(ours, dtype))):
+                return False
     return True
 
 

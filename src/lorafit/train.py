@@ -92,6 +92,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     check_max_length(model, cfg.max_length)
     if cfg.fast_dropout:
         cpu_dropout.use_fast_dropout(model)
+    elif cfg.vectorised_masks and device.type == "cpu" and not cfg.compile:  # the same numbers, less work
+        cpu_dropout.use_vectorised_dropout(model)  # (inductor draws its own masks: nothing to do there)
     counts = count_parameters(model)
     if frozen_bf16:
         fastpath.cast_frozen_linears(model)

@@ -75,17 +75,21 @@ def _values_only(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     return value.transpose(1, 2).contiguous(), None
 
 
-def training_step(cfg: Any, task: Any, data: Any) -> tuple[torch.nn.Module, Callable[[np.ndarray], torch.Tensor]]:
+def training_step(cfg: Any, task: Any, data: Any, vectorised_dropout: bool = True,
+                  ) -> tuple[torch.nn.Module, Callable[[np.ndarray], torch.Tensor]]:
     """A model and one full step on it: forward and backward (``lorafit.train._accumulate``),
     clipping, optimizer, scheduler, ``zero_grad``, each named for the profiler.
 
     As ``lorafit train`` builds it: LoRA per ``cfg``, fast dropout if ``cfg.fast_dropout``, PyTorch's
-    masks drawn vectorised if ``cfg.vectorised_masks``, the frozen base in
-    bf16 where LoRA trains in bf16, fused AdamW, autocast in ``cfg.precision`` on the CPU.
+    masks drawn vectorised if ``cfg.vectorised_masks`` (written as dropout's noise, and SDPA's math
+    path without its checks, unless ``vectorised_dropout`` is False: the defaults before that came),
+    the frozen base in bf16 where LoRA trains in bf16, fused AdamW, autocast in ``cfg.precision``.
     """
     model = build_model(cfg, task)
     if cfg.fast_dropout:
         cpu_dropout.use_fast_dropout(model)
+    elif cfg.vectorised_masks and vectorised_dropout:
+        cpu_dropout.use_vectorised_dropout(model)
     if fastpath.resolve_frozen_bf16(None, cfg.precision, "lora"):
         fastpath.cast_frozen_linears(model)
     optimizer = make_optimizer(model, cfg)
