@@ -149,6 +149,8 @@ def test_the_boolean_mask_is_added_once_a_pass_and_gives_masked_fills_values_and
     other = keep.clone()
     other[0, ..., 0] = False
     assert torch.equal(cpu_dropout._additive_mask(other) == 0, other)
+    other[1, ..., 1] = False  # the same tensor changed in place is converted again
+    assert torch.equal(cpu_dropout._additive_mask(other) == 0, other)
 
 
 def test_fast_attention_is_sdpa_itself_outside_training_with_dropout():
@@ -262,6 +264,12 @@ def test_vectorised_attention_hands_sdpa_what_it_would_not_reproduce(monkeypatch
     assert cpu_dropout._checked_mask(keep) is converted
     assert torch.equal(converted == 0, keep) and torch.equal(converted.isneginf(), ~keep)
     assert cpu_dropout._checked_mask(no_key) is False and cpu_dropout._checked_mask(None) is None
+    changed = keep.clone()
+    assert torch.equal(cpu_dropout._checked_mask(changed), converted)
+    changed[0, ..., 8] = False  # the same tensor changed in place is converted again
+    assert torch.equal(cpu_dropout._checked_mask(changed) == 0, changed)
+    changed[1, ..., :] = False  # and checked again: its second sequence now sees no key
+    assert cpu_dropout._checked_mask(changed) is False
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "deberta-v2"])

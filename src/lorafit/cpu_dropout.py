@@ -137,9 +137,10 @@ def fast_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, va
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
 
 
-# The last boolean attention mask seen and its additive form. Transformers builds one mask a
-# forward pass and hands the same tensor to every layer, so it is converted once, not per layer.
-_last_mask: list[torch.Tensor] = []
+# The last boolean attention mask seen, its version (bumped by any change in place) and its
+# additive form. Transformers builds one mask a forward pass and hands the same tensor to every
+# layer, so it is converted once, not per layer.
+_last_mask: list[Any] = []
 
 
 def _additive_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -155,10 +156,10 @@ def _additive_mask(mask: torch.Tensor) -> torch.Tensor:
     """
     if mask.dtype != torch.bool:
         return mask
-    if not _last_mask or _last_mask[0] is not mask:
+    if not _last_mask or _last_mask[0] is not mask or _last_mask[1] != mask._version:
         addend = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        _last_mask[:] = [mask, addend.masked_fill_(mask.logical_not(), torch.finfo(torch.float32).min)]
-    return _last_mask[1]
+        _last_mask[:] = [mask, mask._version, addend.masked_fill_(mask.logical_not(), torch.finfo(torch.float32).min)]
+    return _last_mask[2]
 
 
 class VectorisedDropout(nn.Dropout):
@@ -240,8 +241,8 @@ def _math_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         return torch.matmul(probs, v).to(dtype)
 
 
-# The last boolean mask seen and its SDPA form: Transformers builds one mask a forward pass and
-# hands the same tensor to every layer, so it is checked and converted once, not per layer.
+# The last boolean mask seen, its version and its SDPA form: Transformers builds one mask a forward
+# pass and hands the same tensor to every layer, so it is checked and converted once, not per layer.
 _last_exact: list[Any] = []
 
 
@@ -253,11 +254,12 @@ def _checked_mask(mask: torch.Tensor | None) -> torch.Tensor | None | bool:
         return None
     if mask.dtype != torch.bool:
         return False
-    if not _last_exact or _last_exact[0] is not mask:
+    if not _last_exact or _last_exact[0] is not mask or _last_exact[1] != mask._version:
         every_row_sees_a_key = bool(mask.any(dim=-1).all())
         additive = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        _last_exact[:] = [mask, additive.masked_fill_(mask.logical_not(), -math.inf) if every_row_sees_a_key else False]
-    return _last_exact[1]
+        _last_exact[:] = [mask, mask._version,
+                          additive.masked_fill_(mask.logical_not(), -math.inf) if every_row_sees_a_key else False]
+    return _last_exact[2]
 
 
 def _agrees_with_sdpa() -> bool:
