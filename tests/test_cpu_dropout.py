@@ -270,6 +270,10 @@ def test_vectorised_attention_hands_sdpa_what_it_would_not_reproduce(monkeypatch
     assert torch.equal(cpu_dropout._checked_mask(changed) == 0, changed)
     changed[1, ..., :] = False  # and checked again: its second sequence now sees no key
     assert cpu_dropout._checked_mask(changed) is False
+    with torch.inference_mode():  # no version counter to go by: converted every time
+        frozen = _padding([9, 4, 1])
+        first = cpu_dropout._checked_mask(frozen)
+        assert torch.equal(first == 0, frozen) and cpu_dropout._checked_mask(frozen) is not first
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "deberta-v2"])
@@ -294,7 +298,8 @@ def test_use_vectorised_dropout_changes_no_bit_of_training_or_evaluation(kind, t
             switched = model.config._attn_implementation == cpu_dropout.VECTORISED_ATTENTION
             assert switched == (kind != "deberta-v2")
         model.eval()
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        with torch.inference_mode():  # as lorafit evaluates: its masks are inference tensors
+            logits = model(input_ids=ids, attention_mask=mask).logits
         model.train()
         torch.manual_seed(1)
         with mt_masks.drawn_vectorised(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -156,10 +157,17 @@ def _additive_mask(mask: torch.Tensor) -> torch.Tensor:
     """
     if mask.dtype != torch.bool:
         return mask
-    if not _last_mask or _last_mask[0] is not mask or _last_mask[1] != mask._version:
-        addend = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        _last_mask[:] = [mask, mask._version, addend.masked_fill_(mask.logical_not(), torch.finfo(torch.float32).min)]
-    return _last_mask[2]
+    return _cached(_last_mask, mask, lambda m: torch.zeros(m.shape, dtype=torch.float32, device=m.device)
+                   .masked_fill_(m.logical_not(), torch.finfo(torch.float32).min))
+
+
+def _cached(cache: list[Any], mask: torch.Tensor, convert: Callable[[torch.Tensor], Any]) -> Any:
+    """``convert(mask)``, computed again only for another tensor or for this one changed in place
+    since (its version counter moved); every time for an inference tensor, which has no counter."""
+    version = None if mask.is_inference() else mask._version
+    if version is None or not cache or cache[0] is not mask or cache[1] != version:
+        cache[:] = [mask, version, convert(mask)]
+    return cache[2]
 
 
 class VectorisedDropout(nn.Dropout):
@@ -211,11 +219,12 @@ def vectorised_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    mask = _checked_mask(attention_mask)
-    if (not (module.training and dropout > 0 and query.device.type == "cpu") or mask is False
-            or (scaling is not None and scaling < 0) or getattr(module, "is_causal", False)
-            or getattr(module, "num_key_value_groups", 1) > 1
-            or any(kwargs.get(k) is not None for k in ("is_causal", "position_bias", "softcap"))):
+    ours = (module.training and dropout > 0 and query.device.type == "cpu"
+            and (scaling is None or scaling >= 0) and not getattr(module, "is_causal", False)
+            and getattr(module, "num_key_value_groups", 1) == 1
+            and all(kwargs.get(k) is None for k in ("is_causal", "position_bias", "softcap")))
+    mask = _checked_mask(attention_mask) if ours else False
+    if mask is False:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     out = _math_attention(query, key, value, mask, dropout, scaling)
@@ -254,12 +263,13 @@ def _checked_mask(mask: torch.Tensor | None) -> torch.Tensor | None | bool:
         return None
     if mask.dtype != torch.bool:
         return False
-    if not _last_exact or _last_exact[0] is not mask or _last_exact[1] != mask._version:
-        every_row_sees_a_key = bool(mask.any(dim=-1).all())
-        additive = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        _last_exact[:] = [mask, mask._version,
-                          additive.masked_fill_(mask.logical_not(), -math.inf) if every_row_sees_a_key else False]
-    return _last_exact[2]
+    return _cached(_last_exact, mask, _added_by_sdpa)
+
+
+def _added_by_sdpa(mask: torch.Tensor) -> torch.Tensor | bool:
+    if not bool(mask.any(dim=-1).all()):
+        return False
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(mask.logical_not(), -math.inf)
 
 
 def _agrees_with_sdpa() -> bool:
