@@ -154,3 +154,24 @@ def test_a_failed_peak_measurement_costs_the_percent_of_peak_only(tmp_path, monk
     assert not any(r["kind"] == "peak" for r in kept)
     (summary,) = [r for r in kept if r["kind"] == "summary"]
     assert summary["examples_per_second"]["median"] > 0 and "percent_of_peak" not in summary
+
+
+def test_the_baseline_trains_the_same_weights_for_the_same_seed(monkeypatch):
+    """Its head and LoRA factors are initialised after a seed, as in Hugging Face's own scripts:
+    two runs of one seed in one process (the generator moved on in between) train the same weights."""
+    import peft
+    import torch
+
+    from lorafit.bench.baseline import peft_train
+    from lorafit.bench.spec import Side, Workload
+
+    models = []
+    get_peft_model = peft.get_peft_model
+    monkeypatch.setattr(peft, "get_peft_model", lambda *a, **k: models.append(get_peft_model(*a, **k)) or models[-1])
+    work = Workload(task="rte", batch_size=8, max_train_samples=16, max_eval_samples=8, max_length=32, threads=1, seed=5)
+    results = [peft_train(work, Side("peft", "fp32")) for _ in range(2)]
+    assert results[0]["dev_metric"] == results[1]["dev_metric"]
+    first, second = ({n: p for n, p in m.named_parameters() if p.requires_grad} for m in models)
+    assert first.keys() == second.keys() and any("classifier" in n for n in first)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name

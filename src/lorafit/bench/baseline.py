@@ -84,7 +84,7 @@ def predict_with_labels(trainer: Any, rows: list[dict[str, Any]]) -> tuple[np.nd
 def peft_train(work: Workload, side: Side) -> dict[str, Any]:
     """Train the baseline once; returns its throughput, memory and dev metric."""
     peft = require_peft()
-    from transformers import DataCollatorWithPadding, Trainer
+    from transformers import DataCollatorWithPadding, Trainer, set_seed
 
     from lorafit.bench.spec import lorafit_config, peak_memory
     from lorafit.metrics import compute_metrics
@@ -96,6 +96,10 @@ def peft_train(work: Workload, side: Side) -> dict[str, Any]:
     task = cfg.task_spec()
     tokenizer = load_tokenizer(cfg.model)
     train_data, evals = load_data(cfg, task, tokenizer)
+    # Seeded before the head and the LoRA factors are initialised, as Hugging Face's own scripts
+    # (run_glue.py) do: the Trainer seeds only when it is built, after them, and this PyTorch
+    # seeds its generator at random when it starts, so an unseeded head differs from run to run.
+    set_seed(work.seed)
     model = build_model(cfg, task)  # the plain model with its fresh head (method full: no lorafit LoRA)
     targets = ["query_proj", "value_proj"] if model.config.model_type == "deberta-v2" else ["query", "value"]
     lora = peft.LoraConfig(task_type="SEQ_CLS", r=work.rank, lora_alpha=work.alpha,
