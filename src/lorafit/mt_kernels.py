@@ -60,7 +60,7 @@ _HALF = np.uint64(32)
 @_jit
 def _pairs64(words, bound, one, out):
     """:func:`_pairs` on pairs that start at an even word, each read as one little-endian 64-bit
-    word (``hi`` its low half): 64-bit lanes and no shuffles, 1.2x as fast."""
+    word (``hi`` its low half): 64-bit lanes and no shuffles; a whole mask 1.12-1.17x as fast."""
     zero = type(one)(0)
     for q in range(out.shape[0]):
         y = words[q]
