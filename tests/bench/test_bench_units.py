@@ -232,9 +232,10 @@ def test_the_baseline_scores_each_prediction_against_its_own_label_when_grouped(
     assert [pytest.approx(own[y], abs=1e-5) for y in labels.tolist()] == logits.reshape(-1).tolist()
 
 
-def _latency(side: str, variant: str, b1: float, b32: float) -> dict:
+def _latency(side: str, variant: str, b1: float, b32: float, precision: str | None = None) -> dict:
     env = {"cpu": "x", "cpu_flags": {"amx_bf16": True}, "threads": 2, "device": "cpu", "versions": {"torch": "2"}}
     return {"kind": "measurement", "mode": "infer", "side": side, "impl": "lorafit", "variant": variant, "repeat": 0,
+            "precision": precision,
             "settings": {"task": "sst2", "model": "minilm", "device": "cpu"}, "environment": env,
             "latency_ms_b1": b1, "latency_p90_ms_b1": b1, "latency_ms_b32": b32, "latency_p90_ms_b32": b32,
             "examples_per_second_b32": 32_000 / b32}
@@ -249,3 +250,17 @@ def test_inference_runs_in_two_precisions_read_together_compare_each_with_its_ow
     table = format_table(records)
     assert "LoRA merged (lorafit@bf16) latency vs base: +10.0% at batch 1, +10.0% at batch 32" in table
     assert "\nmerged (lorafit@bf16) " in table and "\nbase (lorafit@fp32) " in table
+
+
+def test_inference_lines_name_the_precision_a_plain_side_ran_in():
+    # A plain "lorafit" side infers in fp32, while in the train mode it is lorafit's default
+    # precision: the table says which, alone and beside a side that names its own.
+    alone = format_table([_latency("lorafit", "base", 6.0, 120.0, "fp32"), _latency("lorafit", "merged", 6.6, 120.0, "fp32")])
+    assert "LoRA merged (fp32) latency vs base: +10.0% at batch 1" in alone
+    assert "\nmodel, fp32 " in alone
+    both = format_table([_latency("lorafit", "base", 6.0, 120.0, "fp32"), _latency("lorafit", "merged", 6.0, 132.0, "fp32"),
+                         _latency("lorafit@bf16", "base", 5.0, 40.0, "bf16"), _latency("lorafit@bf16", "merged", 5.0, 40.0, "bf16")])
+    assert "LoRA merged (lorafit@fp32) latency vs base: +0.0% at batch 1, +10.0% at batch 32" in both
+    assert "\nbase (lorafit@fp32) " in both and "\nmerged (lorafit@bf16) " in both
+    older = format_table([_latency("lorafit", "base", 6.0, 120.0), _latency("lorafit", "merged", 6.0, 120.0)])
+    assert "LoRA merged latency vs base" in older and "\nmodel " in older  # records from before the field

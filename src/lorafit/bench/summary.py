@@ -156,6 +156,12 @@ def _train_ratio(base: dict[str, Any], side: dict[str, Any], against: dict[str, 
             "dev_metric_difference": side["dev_metric"]["median"] - against["dev_metric"]["median"]}
 
 
+def _resolved(summary: dict[str, Any]) -> str:
+    """An inference side with the precision it ran in (``lorafit@fp32`` for a plain ``lorafit``)."""
+    side, precision = summary["side"], summary.get("precision")
+    return side if "@" in side or not precision else f"{side}@{precision}"
+
+
 def side_label(summary: dict[str, Any]) -> str:
     """The side as written, with the precision a side without ``@PRECISION`` resolved to
     (``lorafit (bf16)``: lorafit's default is ``auto``)."""
@@ -179,6 +185,13 @@ def format_table(records: list[dict[str, Any]]) -> str:
     labels = {(*workload_key(r["settings"]), r["side"]): side_label(r)
               for r in summaries if r["kind"] == "summary" and r["mode"] == "train"}
     infer_sides = {r["side"] for r in summaries if r["kind"] == "summary" and r["mode"] == "infer"}
+    # A plain "lorafit" side infers in fp32 where the train mode's runs in lorafit's default precision,
+    # so the precision is named on every latency line (records older than the field have none).
+    infer_names = {(*workload_key(r["settings"]), r["side"]): _resolved(r)
+                   for r in summaries if r["kind"] == "summary" and r["mode"] == "infer"}
+    infer_labels = infer_names if len(infer_sides) > 1 else {
+        (*workload_key(r["settings"]), r["side"]): r.get("precision")
+        for r in summaries if r["kind"] == "summary" and r["mode"] == "infer"}
     for r in (r for r in summaries if r["kind"] == "ratio"):
         key = workload_key(r["settings"])
         where = wheres[key]
@@ -187,7 +200,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
             lines.append(f"{where}: {side} = {r['speedup']:.2f}x {against} (examples/s, medians); "
                          f"dev metric {100 * r['dev_metric_difference']:+.2f} pt")
         elif r["mode"] == "infer":
-            at = f" ({r['infer_side']})" if len(infer_sides) > 1 else ""
+            label = infer_labels.get((*key, r["infer_side"]))
+            at = f" ({label})" if label else ""
             line = (f"{where}: LoRA {r['side']}{at} latency vs base: {100 * r['overhead_b1']:+.1f}% at batch 1, "
                     f"{100 * r['overhead_b32']:+.1f}% at batch 32")
             if "paired_overhead_b1" in r:
@@ -221,12 +235,14 @@ def format_table(records: list[dict[str, Any]]) -> str:
                          f"{gf:>8} {pct:>7} {_cell(r.get('compile_seconds'), '{:.1f}'):>9}")
     if any(r["mode"] == "infer" for r in rows):
         width = 24 if len(infer_sides) > 1 else 12
-        lines += ["", f"{'model':<{width}} {'b1 ms':>10} {'b1 p90':>8} {'b32 ms':>10} {'b32 p90':>8} {'b32 ex/s':>9}"]
+        precisions = {label for label in infer_labels.values() if label} if len(infer_sides) == 1 else set()
+        head = f"model, {min(precisions)}" if len(precisions) == 1 else "model"
+        lines += ["", f"{head:<{width}} {'b1 ms':>10} {'b1 p90':>8} {'b32 ms':>10} {'b32 p90':>8} {'b32 ex/s':>9}"]
         for r in grouped("infer"):
             if "heading" in r:
                 lines.append(f"{r['heading']}:")
                 continue
-            name = f"{r['variant']} ({r['side']})" if len(infer_sides) > 1 else r["variant"]
+            name = f"{r['variant']} ({infer_names[(*workload_key(r['settings']), r['side'])]})" if len(infer_sides) > 1 else r["variant"]
             lines.append(f"{name:<{width}} {_cell(r['latency_ms_b1'], '{:.2f}'):>10} "
                          f"{r['latency_p90_ms_b1']['median']:>8.2f} {_cell(r['latency_ms_b32']):>10} "
                          f"{r['latency_p90_ms_b32']['median']:>8.1f} {r['examples_per_second_b32']['median']:>9.0f}")
