@@ -184,14 +184,13 @@ def format_table(records: list[dict[str, Any]]) -> str:
     wheres = where_labels([r["settings"] for r in summaries])
     labels = {(*workload_key(r["settings"]), r["side"]): side_label(r)
               for r in summaries if r["kind"] == "summary" and r["mode"] == "train"}
-    infer_sides = {r["side"] for r in summaries if r["kind"] == "summary" and r["mode"] == "infer"}
+    infer = [r for r in summaries if r["kind"] == "summary" and r["mode"] == "infer"]
+    infer_sides = {r["side"] for r in infer}
     # A plain "lorafit" side infers in fp32 where the train mode's runs in lorafit's default precision,
-    # so the precision is named on every latency line (records older than the field have none).
-    infer_names = {(*workload_key(r["settings"]), r["side"]): _resolved(r)
-                   for r in summaries if r["kind"] == "summary" and r["mode"] == "infer"}
-    infer_labels = infer_names if len(infer_sides) > 1 else {
-        (*workload_key(r["settings"]), r["side"]): r.get("precision")
-        for r in summaries if r["kind"] == "summary" and r["mode"] == "infer"}
+    # so the latency lines name the precision (records older than the field have none).
+    infer_names = {(*workload_key(r["settings"]), r["side"]): _resolved(r) for r in infer}
+    precisions = {r.get("precision") for r in infer} - {None}
+    one_precision = min(precisions) if len(infer_sides) == 1 and len(precisions) == 1 else None
     for r in (r for r in summaries if r["kind"] == "ratio"):
         key = workload_key(r["settings"])
         where = wheres[key]
@@ -200,7 +199,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
             lines.append(f"{where}: {side} = {r['speedup']:.2f}x {against} (examples/s, medians); "
                          f"dev metric {100 * r['dev_metric_difference']:+.2f} pt")
         elif r["mode"] == "infer":
-            label = infer_labels.get((*key, r["infer_side"]))
+            label = infer_names.get((*key, r["infer_side"])) if len(infer_sides) > 1 else one_precision
             at = f" ({label})" if label else ""
             line = (f"{where}: LoRA {r['side']}{at} latency vs base: {100 * r['overhead_b1']:+.1f}% at batch 1, "
                     f"{100 * r['overhead_b32']:+.1f}% at batch 32")
@@ -235,8 +234,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
                          f"{gf:>8} {pct:>7} {_cell(r.get('compile_seconds'), '{:.1f}'):>9}")
     if any(r["mode"] == "infer" for r in rows):
         width = 24 if len(infer_sides) > 1 else 12
-        precisions = {label for label in infer_labels.values() if label} if len(infer_sides) == 1 else set()
-        head = f"model, {min(precisions)}" if len(precisions) == 1 else "model"
+        head = f"model, {one_precision}" if one_precision else "model"
         lines += ["", f"{head:<{width}} {'b1 ms':>10} {'b1 p90':>8} {'b32 ms':>10} {'b32 p90':>8} {'b32 ex/s':>9}"]
         for r in grouped("infer"):
             if "heading" in r:
