@@ -26,6 +26,7 @@ is on by default.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import threading
 import warnings
@@ -179,7 +180,7 @@ def _agrees_with_pytorch() -> bool:
         torch.rand(position, generator=generator)  # the kernel pairs words from odd and even positions alike
         return sampler(torch.empty(1001, dtype=dtype), generator), torch.rand(3, generator=generator)
 
-    for dtype, position in ((torch.float32, 5), (torch.float32, 6), (torch.bfloat16, 5), (torch.bfloat16, 6)):
+    for dtype, position in itertools.product((torch.float32, torch.bfloat16), (5, 6)):
         quotient = _scaled_one(dtype, 0.9)
         pairs = [(lambda t, g: t.bernoulli_(0.9, generator=g), lambda t, g: _bernoulli_(t, 0.9, generator=g)),
                  # dropout's noise: the mask divided by the keep probability, and ours written at once
