@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 Method = Literal["lora", "full"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-CompileMode = Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs"]
+CompileMode = Literal["auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "step-graph"]
 InitLoRAWeights = Literal["default", "gaussian", "pissa"]  # PEFT's names ("default" is its True)
 
 # Field tags (a field may carry several; an untagged field is an ordinary training setting).
@@ -89,7 +89,7 @@ class TrainConfig:
     # Speed (see docs/performance.md; `lorafit bench` measures each).
     frozen_bf16: bool | None = field(default=None, metadata=_help("store the frozen base weights in bf16, LoRA and head in fp32 (default: on when LoRA trains in bf16)"))
     compile: bool = field(default=False, metadata=_help("torch.compile the model (batches padded to --length-buckets so shapes are few)"))
-    compile_mode: CompileMode = field(default="auto", metadata=_help("torch.compile mode; auto: reduce-overhead (CUDA graphs) on a GPU, default on a CPU"))
+    compile_mode: CompileMode = field(default="auto", metadata=_help("torch.compile mode; auto: reduce-overhead (CUDA graphs of the forward and backward) on a GPU, default on a CPU; step-graph (GPU, one process): inductor's kernels, and each whole step, forward to AdamW, captured as one CUDA graph per batch shape"))
     length_buckets: list[int] | None = field(default=None, metadata=_help("pad each batch up to the next of these lengths (default with --compile: 16,32,48,64,96,128,... up to --max-length)"))
     fused_optimizer: bool = field(default=True, metadata=_help("one fused AdamW kernel for all trainable parameters (else a per-tensor loop)"))
     fast_dropout: bool = field(default=False, metadata=_help("draw CPU dropout masks, attention probabilities' included, from 16-bit random integers at about a third of torch's cost, and run training attention in autocast's dtype instead of SDPA's fp32 math path (a different random stream: a run with it does not repeat one without it bit for bit)"))
@@ -154,7 +154,7 @@ class TrainConfig:
                     raise FieldError(name, f"{flag(name)} must be in [0, 2**32), got {value!r}")
         for name, allowed in (("method", ("lora", "full")), ("precision", ("auto", "fp32", "bf16", "fp16")),
                               ("task_type", ("classification", "regression")),
-                              ("compile_mode", ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs")),
+                              ("compile_mode", ("auto", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "step-graph")),
                               ("device", ("auto", "cpu", "cuda")),
                               ("report_to", ("none", "tensorboard", "wandb", "mlflow"))):
             if getattr(self, name) not in allowed:

@@ -115,7 +115,7 @@ def compile_mode(mode: str, device: torch.device) -> str:
 
 def compile_warmup_steps(mode: str) -> int:
     """Steps of each new shape before the compiled step runs at its steady speed (see ShapeTimer)."""
-    return 2 if mode == "reduce-overhead" else 1
+    return 2 if mode in ("reduce-overhead", "step-graph") else 1
 
 
 def compile_model(model: nn.Module, mode: str, num_shapes: int) -> nn.Module:

@@ -27,6 +27,7 @@ from lorafit.metrics import compute_metrics
 from lorafit.models import display_name
 from lorafit.progress import Progress
 from lorafit.run import RunDir
+from lorafit.step_graph import host_learning_rates
 
 
 @dataclass
@@ -96,7 +97,7 @@ class _Session:
         if not acc.is_main_process:
             return
         training_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": host_learning_rates(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -12,6 +12,7 @@ the best model and checkpointing a run in progress, :mod:`lorafit.session`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorafit import allocator, cpu_dropout, fastpath, mt_masks
+from lorafit import allocator, cpu_dropout, fastpath, mt_masks, step_graph
 from lorafit.config import TrainConfig
 from lorafit.data import Encoded, batch_order, collate
 from lorafit.distributed import (
@@ -81,6 +82,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     reuse_memory = cfg.reuse_memory and device.type == "cpu" and malloc == "system" and allocator.reuse_freed_memory()
     accelerator.print(f"lorafit: {describe(accelerator, cfg.batch_size, cfg.grad_accum)}")
     check_supported(accelerator, cfg.grad_accum)
+    if cfg.compile and cfg.compile_mode == "step-graph":
+        step_graph.check_supported(device, precision, cfg.grad_accum, accelerator.num_processes)
     set_seed(cfg.seed)
 
     task = cfg.task_spec()
@@ -124,9 +127,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     state = _Session(cfg, run, accelerator, model, optimizer, scheduler, task, tokenizer, pad_id, evals, progress)
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Only the training step is compiled; evaluation and saving use the plain module.
-    step_model, mode = model, fastpath.compile_mode(cfg.compile_mode, accelerator.device)
+    step_model, mode, graphs = model, fastpath.compile_mode(cfg.compile_mode, accelerator.device), None
     if cfg.compile:
-        step_model = fastpath.compile_model(model, mode, 2 * len(buckets or ()))
+        step_model = fastpath.compile_model(model, "default" if mode == "step-graph" else mode, 2 * len(buckets or ()))
+    if cfg.compile and mode == "step-graph":  # forward to AdamW as one CUDA graph a shape (lorafit.step_graph)
+        step_graph.device_learning_rates(optimizer, accelerator.device)
+        graphs = step_graph.StepGraphs(functools.partial(
+            _train_step, step_model, accelerator, optimizer, trainable, cfg.max_grad_norm), accelerator.device)
     shapes = fastpath.ShapeTimer(accelerator.device, cfg.compile, fastpath.compile_warmup_steps(mode))
 
     bar = _progress_bar(cfg, total_steps, progress.step, accelerator)
@@ -143,12 +150,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 group = order[start : start + cfg.grad_accum]
                 shapes.start(tuple((len(g), fastpath.padded_width(int(train_data.lengths[g].max()), buckets))
                                    for g in group), progress)
-                loss = _accumulate(step_model, accelerator, train_data, group, pad_id, buckets)
+                if graphs is not None:  # one process, one micro-batch: step_graph.check_supported
+                    loss = graphs(collate(train_data, group[0], pad_id, length_buckets=buckets))
+                else:
+                    loss = _accumulate(step_model, accelerator, train_data, group, pad_id, buckets)
+                    _clip_and_step(accelerator, optimizer, trainable, cfg.max_grad_norm)
                 guard.watch(loss)
                 running_loss += loss
-                if cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 progress.advance(group, train_data.lengths, epoch_done=start + len(group) >= len(order))
@@ -181,7 +189,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # A compiled run's speed is that of its compiled steps; the compiling ones are compile_seconds.
     summary.update(shapes.steady_speed(progress))
     summary.update(precision=precision, compile_seconds=round(shapes.seconds, 2), speed={
-        "frozen_bf16": frozen_bf16, "compile": cfg.compile, "length_buckets": list(buckets) if buckets else None,
+        "frozen_bf16": frozen_bf16, "compile": cfg.compile, "compile_mode": mode if cfg.compile else None,
+        "length_buckets": list(buckets) if buckets else None,
         "fused_optimizer": cfg.fused_optimizer, "fast_dropout": cfg.fast_dropout,
         "vectorised_masks": vectorised, "reuse_memory": reuse_memory, "allocator": malloc,
         "attention": getattr(accelerator.unwrap_model(model).config, "_attn_implementation", None)})
@@ -214,6 +223,23 @@ def _accumulate(model: nn.Module, accelerator: Any, data: Encoded, group: list[n
     return total
 
 
+def _clip_and_step(accelerator: Any, optimizer: torch.optim.Optimizer, trainable: list[nn.Parameter],
+                   max_grad_norm: float) -> None:
+    if max_grad_norm:
+        accelerator.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+
+
+def _train_step(model: nn.Module, accelerator: Any, optimizer: torch.optim.Optimizer, trainable: list[nn.Parameter],
+                max_grad_norm: float, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward, backward, clipping and AdamW on one batch on the device: what a step graph captures."""
+    with accelerator.autocast():
+        loss = model(**batch).loss
+    accelerator.backward(loss)
+    _clip_and_step(accelerator, optimizer, trainable, max_grad_norm)
+    return loss.detach()
+
+
 def _log(bar: Any, running_loss: torch.Tensor, progress: Progress, scheduler: Any, started: float, every: int,
          run: RunDir, accelerator: Any) -> dict[str, float]:
     """Show loss, learning rate and speed on the bar and in train_loss.jsonl; return them for the tracker."""
@@ -221,7 +247,7 @@ def _log(bar: Any, running_loss: torch.Tensor, progress: Progress, scheduler: An
     count = progress.step % every or every
     # Each process holds its weighted share; their mean is the loss of the global batches.
     loss = accelerator.reduce(running_loss, "mean").item() / count
-    lr = scheduler.get_last_lr()[0]
+    lr = float(scheduler.get_last_lr()[0])  # a device tensor under --compile-mode step-graph
     values = {"train/loss": loss, "train/learning_rate": lr, "train/examples_per_second": progress.examples / elapsed}
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", ex_s=f"{values['train/examples_per_second']:.0f}")
     if accelerator.is_main_process:

@@ -61,10 +61,18 @@ def test_a_variant_side_sets_that_variants_config_fields(tmp_path):
         False, False, None, "default")
 
 
+def test_a_step_graph_side_compiles_and_captures_whole_steps(tmp_path):
+    from lorafit.bench.spec import Workload, lorafit_config
+
+    cfg = lorafit_config(Workload(device="cuda"), Side.parse("lorafit@bf16+step_graph"), str(tmp_path))
+    assert (cfg.compile, cfg.compile_mode, cfg.precision) == (True, "step-graph", "bf16")
+    assert lorafit_config(Workload(), Side.parse("lorafit+compile"), str(tmp_path)).compile_mode == "auto"
+
+
 @pytest.mark.parametrize("text, word", [("hf", "implementation"), ("peft@int8", "precision"),
                                          ("peft+compile", "option"), ("lorafit+turbo", "option"),
                                          ("peft-fused_optimizer", "option"), ("peft+dora", "option"),
-                                         ("lorafit-dora", r"\+dora")])
+                                         ("lorafit-dora", r"\+dora"), ("lorafit-step_graph", r"\+step_graph")])
 def test_bad_side_specs_name_what_is_wrong(text, word):
     with pytest.raises(LorafitError, match=word):
         Side.parse(text)

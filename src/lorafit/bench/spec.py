@@ -24,8 +24,11 @@ VARIANT_SWITCHES: dict[str, dict[str, Any]] = {
     "loraplus": {"loraplus_lr_ratio": 16.0},  # the LoRA+ paper's suggested ratio
     "pissa": {"init_lora_weights": "pissa"},
 }
+# Switches that set more than their own field: ``+step_graph`` compiles and captures each whole
+# training step as a CUDA graph (``--compile --compile-mode step-graph``).
+COMPOUND_SWITCHES: dict[str, dict[str, Any]] = {"step_graph": {"compile": True, "compile_mode": "step-graph"}}
 LORAFIT_SWITCHES = ("compile", "fast_dropout", "frozen_bf16", "fused_optimizer", "group_by_length", "reuse_memory",
-                    "vectorised_masks", *VARIANT_SWITCHES)
+                    "vectorised_masks", *COMPOUND_SWITCHES, *VARIANT_SWITCHES)
 # The baseline's one switch: the Trainer's own ``group_by_length`` (off by default, as a user who
 # keeps the Trainer's defaults has it), so a comparison can also show the baseline with padding
 # cut the way lorafit cuts it (``peft@bf16+group_by_length``).
@@ -66,6 +69,8 @@ class Side:
                                    f"({impl} options: {', '.join(SWITCHES[impl])})")
             if name in VARIANT_SWITCHES and not on:
                 raise LorafitError(f"--sides: {text!r}: a variant is off unless turned on: write +{name}")
+            if name in COMPOUND_SWITCHES and not on:
+                raise LorafitError(f"--sides: {text!r}: {name} is off unless turned on: write +{name}")
             options.append((name, on))
         return cls(impl, precision or None, tuple(options))
 
@@ -143,7 +148,7 @@ def lorafit_config(work: Workload, side: Side, output_dir: str, **overrides: Any
         values["precision"] = side.precision
     for name, on in side.options:
         if name not in ALLOCATOR_SWITCHES:
-            values.update(VARIANT_SWITCHES.get(name, {name: on}))
+            values.update(VARIANT_SWITCHES.get(name) or COMPOUND_SWITCHES.get(name) or {name: on})
     values["allocator"] = side.allocator
     values.update(overrides)
     return make_config(**values)
