@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 9, as one script for a GPU session (one H200). BUDGET (default 540 s) caps
+# The GPU checks of issue 9, as one script for a GPU session (one H100 or H200). BUDGET (default 540 s) caps
 # the whole script: each step runs under its own limit or what is left of the budget, whichever is
 # less, and a step with under 30 s left is skipped, so the script always ends in time to pack.
 #
@@ -8,8 +8,9 @@
 # There: torch 2.11 / transformers 5.17 / peft 0.21, no pip, no network; src is put on PYTHONPATH and
 # the embedded model comes from the carried fp16 copy. JSON lines and logs go to $OUT (default out/gpu),
 # and all of them, packed, to $OUT/gpu_check.tgz (a GPU session may bring back only a few files).
-# DIAGNOSE=1 first runs scripts/gpu_diagnose.py (host syncs, CPU vs GPU time per step; 95 s in the
-# first session, whose records are in docs/performance/gpu/).
+# DIAGNOSE=1 first runs scripts/gpu_diagnose.py (host syncs, CPU vs GPU time per step, eager,
+# reduce-overhead and step-graph; 95 s without step-graph in the first session, whose records are
+# in docs/performance/gpu/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu}

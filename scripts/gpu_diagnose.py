@@ -14,6 +14,9 @@ batch padded to one width, the same batches for every side. It reports, side by 
   CPU time exceeds its GPU time is host-bound, which CUDA graphs are meant to remove;
 * ``lorafit compiled``: the same steps through ``torch.compile(mode=reduce-overhead)``, with
   Dynamo's graph breaks, recompiles and CUDA-graph skip reasons logged;
+* ``lorafit step-graph``: the whole step (compiled forward, backward, clipping, AdamW) captured as
+  one CUDA graph (``--compile-mode step-graph``, lorafit.step_graph); with ``--skip compile`` the
+  same bookkeeping over the eager model (and on a CPU, where nothing is captured, a dry run);
 * ``peft eager``: the same model wrapped by PEFT in a plain loop, the measured anchor's setting.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import time
 import warnings
@@ -30,12 +34,13 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lorafit import fastpath
+from lorafit import fastpath, step_graph
 from lorafit.config import make_config
+from lorafit.data import collate
 from lorafit.distributed import make_accelerator
 from lorafit.models import load_tokenizer
 from lorafit.setup import build_model, linear_schedule, load_data, make_optimizer
-from lorafit.train import _accumulate
+from lorafit.train import _accumulate, _train_step
 
 
 def sync(device: torch.device) -> None:
@@ -94,7 +99,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rows", type=int, default=25)
-    p.add_argument("--skip", default="", help="comma-separated sides to leave out: compile,peft")
+    p.add_argument("--skip", default="", help="comma-separated sides to leave out: compile,step_graph,peft "
+                   "(compile: no compilation, so step_graph captures the eager model)")
     p.add_argument("--out", help="folder for gpu_diagnose.txt")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -117,7 +123,7 @@ def main() -> None:
         print(text, flush=True)
         report.append(text)
 
-    def lorafit_side(compiled: bool):
+    def lorafit_side(compiled: bool, whole_step: bool = False):
         model = build_model(cfg, task)
         fastpath.cast_frozen_linears(model)
         optimizer = make_optimizer(model, cfg)
@@ -125,9 +131,21 @@ def main() -> None:
         accelerator = make_accelerator("bf16", device)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         model.train()
-        # lorafit's own choice of mode (``--compile-mode auto``): CUDA graphs on a GPU.
-        step_model = fastpath.compile_model(model, fastpath.compile_mode("auto", device), 2) if compiled else model
+        # lorafit's own choice of mode (``--compile-mode auto``): CUDA graphs on a GPU; under a
+        # step graph, inductor's kernels alone (the graph is the step's).
+        mode = "default" if whole_step else fastpath.compile_mode("auto", device)
+        step_model = fastpath.compile_model(model, mode, 2) if compiled else model
         trainable = [q for q in model.parameters() if q.requires_grad]
+        if whole_step:
+            step_graph.device_learning_rates(optimizer, device)
+            graphs = step_graph.StepGraphs(functools.partial(
+                _train_step, step_model, accelerator, optimizer, trainable, cfg.max_grad_norm), device)
+
+            def graph_step(batch: np.ndarray) -> None:
+                graphs(collate(data, batch, pad_id, length_buckets=(args.length,)))
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            return graph_step
 
         def step(batch: np.ndarray) -> None:
             _accumulate(step_model, accelerator, data, [batch], pad_id, (args.length,))
@@ -157,10 +175,20 @@ def main() -> None:
         say("profile (lorafit compiled):\n" + profiled(step, steps[:10], device, args.rows))
         torch._logging.set_logs()
 
+    if "step_graph" not in skip:
+        step = lorafit_side(compiled="compile" not in skip, whole_step=True)
+        start = time.perf_counter()
+        for batch in warm:  # the first compiles, the second captures
+            step(batch)
+        sync(device)
+        say(f"\n== lorafit step-graph: warm-up (compilation, capture) {time.perf_counter() - start:.1f} s, "
+            f"then {timed(step, steps, device):.2f} ms/step")
+        say("host syncs:\n  " + "\n  ".join(host_syncs(step, steps[:2], device)))
+        say("profile (lorafit step-graph):\n" + profiled(step, steps[:10], device, args.rows))
+
     if "peft" not in skip:
         from peft import LoraConfig, get_peft_model
 
-        from lorafit.data import collate
         from lorafit.models import load_model
 
         base = load_model(cfg.model, task.num_labels)[0].to(device)

@@ -103,7 +103,8 @@ class StepGraphs:
             if key not in self.seen:  # a shape's first step runs as it is; its second is captured
                 self.seen.add(key)
                 return self._first(batch)
-            self.graphs[key] = self._record({k: torch.empty_like(t, device=self.device) for k, t in batch.items()})
+            self.graphs[key] = self._record({k: torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                                              for k, t in batch.items()})
         captured = self.graphs[key]
         for name, tensor in batch.items():
             captured.inputs[name].copy_(tensor, non_blocking=True)

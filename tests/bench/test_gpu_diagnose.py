@@ -22,6 +22,8 @@ def test_gpu_diagnose_runs_on_the_cpu_and_reports_each_side(tmp_path):
     report = (tmp_path / "gpu_diagnose.txt").read_text(encoding="utf-8")
     lorafit, peft = (float(m) for m in re.findall(r"^== (?:lorafit|peft) eager.*?: ([\d.]+) ms/step", report, re.MULTILINE))
     assert lorafit > 0 and peft > 0
+    # The whole-step side's bookkeeping, over the eager model (--skip compile; no capture on a CPU).
+    assert float(re.search(r"^== lorafit step-graph: .* then ([\d.]+) ms/step", report, re.MULTILINE)[1]) > 0
     assert re.search(r"self CPU [\d.]+ ms/step, self GPU 0\.00 ms/step", report)  # no GPU here: no GPU time
     assert "aten::mm" in report and "nothing to synchronise with" in report
     assert "lorafit compiled" not in report  # --skip compile

@@ -67,9 +67,7 @@ class Side:
             if name not in SWITCHES[impl]:
                 raise LorafitError(f"--sides: {text!r}: unknown option {name!r} "
                                    f"({impl} options: {', '.join(SWITCHES[impl])})")
-            if name in VARIANT_SWITCHES and not on:
-                raise LorafitError(f"--sides: {text!r}: a variant is off unless turned on: write +{name}")
-            if name in COMPOUND_SWITCHES and not on:
+            if (name in VARIANT_SWITCHES or name in COMPOUND_SWITCHES) and not on:
                 raise LorafitError(f"--sides: {text!r}: {name} is off unless turned on: write +{name}")
             options.append((name, on))
         return cls(impl, precision or None, tuple(options))
