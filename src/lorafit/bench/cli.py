@@ -7,7 +7,10 @@ import argparse
 from lorafit.bench.spec import Side, Workload
 from lorafit.errors import LorafitError
 
-DEFAULT_SIDES = "lorafit,peft@fp32,peft@bf16"
+# The Trainer at both precisions as its users get it, and with its own length grouping on: most of
+# lorafit's lead over its defaults is that lorafit groups by length (docs/performance.md), so a
+# default comparison shows both.
+DEFAULT_SIDES = "lorafit,peft@fp32,peft@bf16,peft@bf16+group_by_length"
 
 
 def _ints(text: str) -> list[int]:
