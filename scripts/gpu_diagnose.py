@@ -155,36 +155,24 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
         return step
 
-    step = lorafit_side(compiled=False)
-    for batch in warm:
-        step(batch)
-    say(f"\n== lorafit eager: {timed(step, steps, device):.2f} ms/step")
-    say("host syncs:\n  " + "\n  ".join(host_syncs(step, steps[:2], device)))
-    say("profile (lorafit eager):\n" + profiled(step, steps[:10], device, args.rows))
-
-    if "compile" not in skip:
-        torch._logging.set_logs(graph_breaks=True, recompiles=True, perf_hints=True)
-        step = lorafit_side(compiled=True)
+    def diagnose(name: str, step, warm_up: str | None = None) -> None:
+        """Warm ``step`` up on the warm-up batches, then time it, list its host syncs and profile it."""
         start = time.perf_counter()
         for batch in warm:
             step(batch)
         sync(device)
-        say(f"\n== lorafit compiled: warm-up (compilation) {time.perf_counter() - start:.1f} s, "
-            f"then {timed(step, steps, device):.2f} ms/step")
+        took = f"warm-up ({warm_up}) {time.perf_counter() - start:.1f} s, then " if warm_up else ""
+        say(f"\n== lorafit {name}: {took}{timed(step, steps, device):.2f} ms/step")
         say("host syncs:\n  " + "\n  ".join(host_syncs(step, steps[:2], device)))
-        say("profile (lorafit compiled):\n" + profiled(step, steps[:10], device, args.rows))
-        torch._logging.set_logs()
+        say(f"profile (lorafit {name}):\n" + profiled(step, steps[:10], device, args.rows))
 
-    if "step_graph" not in skip:
-        step = lorafit_side(compiled="compile" not in skip, whole_step=True)
-        start = time.perf_counter()
-        for batch in warm:  # the first compiles, the second captures
-            step(batch)
-        sync(device)
-        say(f"\n== lorafit step-graph: warm-up (compilation, capture) {time.perf_counter() - start:.1f} s, "
-            f"then {timed(step, steps, device):.2f} ms/step")
-        say("host syncs:\n  " + "\n  ".join(host_syncs(step, steps[:2], device)))
-        say("profile (lorafit step-graph):\n" + profiled(step, steps[:10], device, args.rows))
+    diagnose("eager", lorafit_side(compiled=False))
+    if "compile" not in skip:
+        torch._logging.set_logs(graph_breaks=True, recompiles=True, perf_hints=True)
+        diagnose("compiled", lorafit_side(compiled=True), "compilation")
+        torch._logging.set_logs()
+    if "step_graph" not in skip:  # the first warm-up step compiles, the second captures
+        diagnose("step-graph", lorafit_side(compiled="compile" not in skip, whole_step=True), "compilation, capture")
 
     if "peft" not in skip:
         from peft import LoraConfig, get_peft_model
