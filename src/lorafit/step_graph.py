@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from lorafit import fastpath
 from lorafit.errors import LorafitError
 
 Batch = dict[str, torch.Tensor]
@@ -111,7 +112,7 @@ class StepGraphs:
         return captured.replay()
 
     def _first(self, batch: Batch) -> torch.Tensor:
-        inputs = {k: t.to(self.device, non_blocking=True) for k, t in batch.items()}
+        inputs = fastpath.to_device(batch, self.device)
         if not self.capture:
             return self.step(inputs)
         side = torch.cuda.Stream(self.device)
