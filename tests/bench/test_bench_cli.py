@@ -86,6 +86,26 @@ def test_bad_bench_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert "bad.jsonl:1: not a JSON line" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "nope"], "task: unknown task 'nope'"),
+    (["--sides", "peft@bf16", "--task", "nope"], "task: unknown task 'nope'"),  # the baseline's task too
+    (["--epochs", "0"], "--epochs must be > 0, got 0.0"),
+    (["--sides", "lorafit,lorafit+step_graph"], "--compile-mode step-graph captures CUDA graphs: it needs --device cuda"),
+])
+def test_a_bad_workload_is_refused_before_anything_is_measured(argv, message, monkeypatch, capsys):
+    # The workers would refuse it too, but after the matmul peak or a whole side's run.
+    from lorafit.bench import runner
+
+    def no_worker(spec, threads):
+        raise AssertionError(f"a {spec['mode']} worker started")
+
+    monkeypatch.setattr(runner, "run_worker", no_worker)
+    assert main(["bench", "train", *argv]) == 2
+    out, err = capsys.readouterr()
+    (line,) = err.strip().splitlines()  # one line, no traceback
+    assert line.startswith(f"lorafit: error: {message}") and "measuring" not in out
+
+
 @pytest.mark.slow
 def test_infer_and_memory_modes(tmp_path):
     out = tmp_path / "infer.jsonl"

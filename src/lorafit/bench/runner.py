@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.bench.env import physical_cores
-from lorafit.bench.spec import Side, Workload
+from lorafit.bench.spec import Side, Workload, lorafit_config
 from lorafit.errors import LorafitError
 
 MODES = ("train", "infer", "memory")
@@ -113,6 +113,7 @@ def run_bench(
         from lorafit.bench.baseline import require_peft
 
         require_peft()  # fail before any measurement, not after the first lorafit run
+    check_sides(work, sides)
     threads = work.threads or physical_cores()
     work = dataclasses.replace(work, threads=threads)
     settings = work.as_dict()
@@ -146,6 +147,22 @@ def run_bench(
             if save is not None:
                 save(records + summarize(records))
     return records + summarize(records)
+
+
+def check_sides(work: Workload, sides: list[Side]) -> None:
+    """Refuse a bad workload or lorafit side before anything is measured.
+
+    The workers would refuse the same input, but only after the matmul peak (seconds) or earlier
+    sides' runs (minutes); these are the checks a worker makes before it reads any data.
+    """
+    for side in [s for s in sides if s.impl == "lorafit"] or [Side("lorafit")]:
+        cfg = lorafit_config(work, side, output_dir="bench")  # each field's own checks
+        cfg.task_spec()  # the task exists (the baseline trains the same one)
+        if cfg.compile and cfg.compile_mode == "step-graph":
+            from lorafit import fastpath, step_graph
+
+            device = fastpath.resolve_device(cfg.device)
+            step_graph.check_supported(device, fastpath.resolve_precision(cfg.precision, device), cfg.grad_accum, 1)
 
 
 def _brief(mode: str, result: dict[str, Any]) -> str:
