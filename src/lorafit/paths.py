@@ -2,7 +2,8 @@
 
 Every command that writes (``train``, ``merge``, ``sweep``, ``report``) calls
 :func:`check_output` before it loads anything, so a bad output path is refused while nothing has
-been removed or written yet.
+been removed or written yet; ``bench`` calls :func:`check_writable_file` on its files before it
+measures.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ def check_output(flag: str, output: str | Path, inputs: Iterable[tuple[str, str 
                 "write the output somewhere else (nothing was changed)"
             )
     check_writable(flag, output)
+
+
+def check_writable_file(flag: str, output: str | Path) -> None:
+    """Refuse a file output that is a folder or whose folder cannot be made or written."""
+    if Path(output).expanduser().is_dir():
+        raise LorafitError(f"{flag} {output}: is a directory; give the path of a file")
+    check_writable(f"{flag} {output}: its folder", Path(output).expanduser().parent)
 
 
 def check_writable(flag: str, output: str | Path) -> None:

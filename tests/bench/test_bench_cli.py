@@ -106,6 +106,20 @@ def test_a_bad_workload_is_refused_before_anything_is_measured(argv, message, mo
     assert line.startswith(f"lorafit: error: {message}") and "measuring" not in out
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_anything_is_measured(tmp_path, monkeypatch, capsys):
+    from lorafit.bench import runner
+
+    monkeypatch.setattr(runner, "run_worker", lambda spec, threads: pytest.fail("a worker started"))
+    (tmp_path / "a-file").write_text("")
+    for argv, message in [(["--output", str(tmp_path)], f"--output {tmp_path}: is a directory"),
+                          (["--plot", str(tmp_path)], f"--plot {tmp_path}: is a directory"),
+                          (["--output", str(tmp_path / "a-file" / "b.jsonl")], "a-file: exists and is not a directory")]:
+        assert main(["bench", "train", *argv]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("lorafit: error: --") and message in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
 @pytest.mark.slow
 def test_infer_and_memory_modes(tmp_path):
     out = tmp_path / "infer.jsonl"

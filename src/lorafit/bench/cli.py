@@ -66,7 +66,11 @@ def run_bench_cli(args: argparse.Namespace) -> int:
     from lorafit.bench.plot import plot_throughput
     from lorafit.bench.runner import read_jsonl, run_bench, write_jsonl
     from lorafit.bench.summary import format_table
+    from lorafit.paths import check_writable_file
 
+    for flag, path in (("--output", None if args.from_files else args.output), ("--plot", args.plot)):
+        if path:  # before anything is measured: a path that cannot be written would lose the run
+            check_writable_file(flag, path)
     if args.from_files:
         records = read_jsonl(args.from_files)
     else:
