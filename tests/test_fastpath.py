@@ -129,6 +129,10 @@ def test_shape_timer_sets_each_shapes_warmup_steps_apart_from_the_steady_speed()
 def test_speed_flags_are_validated():
     with pytest.raises(LorafitError, match="--length-buckets must be positive integers"):
         make_config(length_buckets=[0, 32])
+    # Past --max-length a bucket only pads (here past MiniLM's 512 positions, which crashed a step).
+    with pytest.raises(LorafitError, match=r"--length-buckets must be at most --max-length 128, no batch is longer; got \[64, 1000\]"):
+        make_config(length_buckets=[64, 1000])
+    assert make_config(length_buckets=[64, 128]).length_buckets == [64, 128]
     with pytest.raises(LorafitError, match="--compile-mode must be one of"):
         make_config(compile_mode="fast")
     with pytest.raises(LorafitError, match="--precision must be one of 'auto'"):

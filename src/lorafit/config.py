@@ -177,6 +177,10 @@ class TrainConfig:
             or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in self.length_buckets)
         ):
             raise LorafitError(f"--length-buckets must be positive integers, got {self.length_buckets!r}")
+        if self.length_buckets and max(self.length_buckets) > self.max_length:
+            # Examples are cut to --max-length, so a longer bucket only pads (past the position embeddings, even).
+            raise LorafitError(f"--length-buckets must be at most --max-length {self.max_length}, no batch is "
+                               f"longer; got {self.length_buckets!r}")
         if self.frozen_bf16 is not None and not isinstance(self.frozen_bf16, bool):
             raise LorafitError(f"--frozen-bf16 must be true or false, got {self.frozen_bf16!r}")
 

@@ -90,6 +90,8 @@ def test_bad_bench_input_is_one_line_and_exit_2(tmp_path, capsys):
     (["--task", "nope"], "task: unknown task 'nope'"),
     (["--sides", "peft@bf16", "--task", "nope"], "task: unknown task 'nope'"),  # the baseline's task too
     (["--epochs", "0"], "--epochs must be > 0, got 0.0"),
+    (["--length-buckets", "1000"], "--length-buckets must be at most --max-length 128"),
+    (["--peak-seconds", "-1"], "--peak-seconds must be > 0, got -1.0"),
     (["--sides", "lorafit,lorafit+step_graph"], "--compile-mode step-graph captures CUDA graphs: it needs --device cuda"),
 ])
 def test_a_bad_workload_is_refused_before_anything_is_measured(argv, message, monkeypatch, capsys):

@@ -77,6 +77,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         for name in ("batch_size", "eval_batch_size", "repeats", "max_length", "rank"):
             if getattr(args, name) < 1:
                 raise LorafitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if not args.peak_seconds > 0:
+            raise LorafitError(f"--peak-seconds must be > 0, got {args.peak_seconds}")
         if args.threads is not None and args.threads < 1:
             raise LorafitError(f"--threads must be >= 1, got {args.threads}")
         from pathlib import Path
