@@ -95,7 +95,7 @@ def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60, 
     # `lorafit eval` / `predict` now do by default; "@auto" as `--precision auto`.
     precision = fastpath.resolve_precision(side.precision or "fp32", device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if precision == "bf16" and device.type == "cpu":  # as `lorafit eval` / `predict` hold a bf16 model
+    if precision == "bf16":  # as `lorafit eval` / `predict` hold a bf16 model, on any device
         from lorafit.inference import cast_linears_bf16
 
         for model in models.values():
