@@ -167,6 +167,11 @@ def test_a_switched_baseline_is_a_second_comparison_not_the_best_of_one():
     assert [(r["against"], r["speedup"]) for r in ratios] == [
         ("peft@bf16", pytest.approx(2.5)), ("peft@bf16+group_by_length", pytest.approx(100 / 90))]
     assert format_table(records).splitlines()[0].endswith("2.50x peft@bf16 (examples/s, medians); dev metric +2.00 pt")
+    # The table's columns line up however long a side's name (here 34 characters).
+    records.append(_measurement("peft@bf16+group_by_length+tcmalloc", "peft", 95.0, 0.79, 0, "bf16"))
+    table = format_table(records).split("\n\n")[1].splitlines()
+    assert table[0].startswith("side ") and len(table) == 6
+    assert len({len(line) for line in table}) == 1  # each cell is padded to its column's width
 
 
 def test_a_variant_side_is_also_compared_with_plain_lora_at_its_setting():

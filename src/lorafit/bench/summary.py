@@ -221,7 +221,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
                 [{"heading": wheres[k]}, *(r for r in mine if workload_key(r["settings"]) == k)]]
 
     if any(r["mode"] == "train" for r in rows):
-        lines += ["", (f"{'side':<28} {'examples/s':>14} {'tokens/s':>14} {'dev metric':>11} {'peak GiB':>9} "
+        width = max(28, *(len(side_label(r)) for r in rows if r["mode"] == "train"))
+        lines += ["", (f"{'side':<{width}} {'examples/s':>14} {'tokens/s':>14} {'dev metric':>11} {'peak GiB':>9} "
                        f"{'GFLOP/s':>8} {'% peak':>7} {'compile s':>9}")]
         for r in grouped("train"):
             if "heading" in r:
@@ -229,7 +230,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
                 continue
             pct = f"{r['percent_of_peak']:.0f}%" if r.get("percent_of_peak") is not None else "-"
             gf = f"{r['achieved_gflops']:.0f}" if r.get("achieved_gflops") else "-"
-            lines.append(f"{side_label(r):<28} {_cell(r['examples_per_second']):>14} {_cell(r['tokens_per_second'], '{:.0f}'):>14} "
+            lines.append(f"{side_label(r):<{width}} {_cell(r['examples_per_second']):>14} {_cell(r['tokens_per_second'], '{:.0f}'):>14} "
                          f"{_cell(r['dev_metric'], '{:.4f}'):>11} {_cell(r['peak_memory_gib'], '{:.2f}'):>9} "
                          f"{gf:>8} {pct:>7} {_cell(r.get('compile_seconds'), '{:.1f}'):>9}")
     if any(r["mode"] == "infer" for r in rows):
