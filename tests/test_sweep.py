@@ -551,6 +551,7 @@ def test_killed_sweep_resumes_without_retraining_and_reports(tmp_path: Path) -> 
 def test_parallel_jobs_finish_every_cell(tmp_path, capfd):
     from lorafit.run import RunDir
     from lorafit.sweep import find_grid
+    from lorafit.sweep.runner import job_threads
 
     grid = load_grid(find_grid("smoke"))
     grid.output_dir = str(tmp_path / "sweep")
@@ -559,8 +560,18 @@ def test_parallel_jobs_finish_every_cell(tmp_path, capfd):
     assert len(cells) == 4 and all(RunDir(c.path).is_finished() for c in cells)
     assert sum(line.endswith(": finished") for line in lines) == 4
     assert [c.name for c in cells] == [c.name for c in expand(grid)]
+    assert {RunDir(c.path).train_config().num_threads for c in cells} == {job_threads(2)}
     # Workers share this terminal: no interleaved Transformers load/save bars from them.
     assert "Loading weights" not in capfd.readouterr().err
+
+
+def test_parallel_jobs_share_the_physical_cores_not_the_hyper_threads(monkeypatch):
+    from lorafit.bench import env
+    from lorafit.sweep.runner import job_threads
+
+    monkeypatch.setattr(env, "physical_cores", lambda: 4)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)  # two hyper-threads a core
+    assert [job_threads(jobs) for jobs in (1, 2, 3, 4, 8)] == [4, 2, 1, 1, 1]
 
 
 def test_axis_flags_select_the_settings_bundles_that_set_their_field(capsys) -> None:

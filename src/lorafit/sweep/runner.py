@@ -110,6 +110,17 @@ def _quiet_worker() -> None:
     logging.disable_progress_bar()
 
 
+def job_threads(jobs: int) -> int:
+    """Threads for each of ``jobs`` cells run at once: their share of the physical cores.
+
+    Not of the logical CPUs: two hyper-threads share one core's matrix units, so a job a
+    hyper-thread would only contend (``lorafit train`` alone also takes the physical cores).
+    """
+    from lorafit.bench.env import physical_cores
+
+    return max(1, physical_cores() // jobs)
+
+
 def _run_parallel(todo: list[tuple[str, Cell, TrainConfig]], cells: list[Cell], jobs: int,
                   say: Callable[[str], None]) -> None:
     """Run cells in ``jobs`` worker processes, each with its share of the CPU threads.
@@ -119,10 +130,9 @@ def _run_parallel(todo: list[tuple[str, Cell, TrainConfig]], cells: list[Cell], 
     process (spawn), so a crash or a memory spike stays in its cell.
     """
     import multiprocessing
-    import os
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = job_threads(jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_quiet_worker) as pool:
         running = {}
