@@ -95,7 +95,9 @@ def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60, 
     # `lorafit eval` / `predict` now do by default; "@auto" as `--precision auto`.
     precision = fastpath.resolve_precision(side.precision or "fp32", device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if precision == "bf16":  # as `lorafit eval` / `predict` hold a bf16 model, on any device
+    # As `lorafit eval` / `predict` (CPU) hold a bf16 model; on a GPU too, where autocast would
+    # otherwise cast every weight again at every call (a kernel launch per linear layer).
+    if precision == "bf16":
         from lorafit.inference import cast_linears_bf16
 
         for model in models.values():
