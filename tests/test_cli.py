@@ -125,6 +125,22 @@ def test_predict_reads_a_file(trained_run, tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 2
 
 
+def test_predict_refuses_examples_that_do_not_fit_the_task(trained_run, tmp_path, capsys):
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("a .\tb .\nc .\n")
+    for argv, message in [
+        (["--text", "one sentence ."], "predict: mrpc is a sentence-pair task (sentence1, sentence2), got single sentences"),
+        (["--text", "a", "--text-pair", "b", "--text-pair", "c"], "predict: 2 --text-pair for 1 --text"),
+        (["--text", "a", "--text", "b", "--text-pair", "c"], "predict: 1 --text-pair for 2 --text"),
+        (["--input", str(mixed)], "a sentence pair or none is (example 2 differs from example 1)"),
+        (["--input", str(mixed), "--text-pair", "x"], "predict: --text-pair goes with --text"),
+    ]:
+        assert main(["predict", str(trained_run), *argv]) == 2
+        out, err = capsys.readouterr()
+        (line,) = err.strip().splitlines()
+        assert message in line and not out
+
+
 def test_predict_reads_quotes_in_a_tsv_as_text(trained_run, tmp_path, capsys):
     # As training reads TSV: a quote is part of the text, balanced or not.
     inputs = tmp_path / "in.tsv"

@@ -13,7 +13,14 @@ import torch
 
 from lorafit.config import make_config
 from lorafit.errors import LorafitError
-from lorafit.inference import TASK_FILE, evaluate_trained, export_merged, inference_precision, load_trained
+from lorafit.inference import (
+    TASK_FILE,
+    check_pairs,
+    evaluate_trained,
+    export_merged,
+    inference_precision,
+    load_trained,
+)
 
 # STS-B: a regression metric (Pearson) moves with any change in the logits' bits, where accuracy
 # over a few examples would not.
@@ -50,6 +57,20 @@ def test_eval_in_the_trained_precision_repeats_the_training_metric_exactly(bf16_
     in_fp32 = evaluate_trained(run, merged=False, max_eval_samples=16, precision="fp32")
     assert in_fp32["pearson"] != summary["best_metrics"]["pearson"]  # what eval reported before
     assert in_fp32["pearson"] == pytest.approx(summary["best_metrics"]["pearson"], abs=0.02)
+
+
+def test_examples_must_be_the_kind_the_task_trained_on():
+    from lorafit.data import get_task
+
+    assert check_pairs(get_task("mrpc"), [("a", "b"), ("c", "d")]) is True
+    assert check_pairs(get_task("sst2"), [("a", None)]) is False
+    assert check_pairs(None, [("a", "b")]) is True  # a model without a recorded task takes either
+    with pytest.raises(LorafitError, match=r"^predict: sst2 classifies single sentences \(sentence\), got sentence pairs"):
+        check_pairs(get_task("sst2"), [("a", "b")])
+    with pytest.raises(LorafitError, match=r"^predict: rte is a sentence-pair task \(sentence1, sentence2\), got single"):
+        check_pairs(get_task("rte"), [("a", None)])
+    with pytest.raises(LorafitError, match=r"none is \(example 3 differs from example 1\)"):
+        check_pairs(None, [("a", "b"), ("c", "d"), ("e", None)])
 
 
 def test_inference_precision_resolves_each_choice(monkeypatch):

@@ -124,8 +124,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return _predict_split(args)
     if bool(args.text) == bool(args.input):
         raise LorafitError("predict: give sentences with --text (repeatable) or a file with --input, not both")
-    pairs = [(t, args.text_pair[i] if args.text_pair and i < len(args.text_pair) else None)
-             for i, t in enumerate(args.text)] if args.text else read_inputs(args.input)
+    if args.text_pair and args.input:
+        raise LorafitError("predict: --text-pair goes with --text; in an --input file the two sentences of a pair "
+                           "share a line, a tab between them (or columns sentence1 and sentence2)")
+    if args.text_pair and len(args.text_pair) != len(args.text):
+        raise LorafitError(f"predict: {len(args.text_pair)} --text-pair for {len(args.text)} --text: "
+                           "give one --text-pair for each --text")
+    pairs = list(zip(args.text, args.text_pair or [None] * len(args.text))) if args.text else read_inputs(args.input)
     trained = load_trained(args.path, precision=args.precision)
     for record in predict_texts(trained, pairs, batch_size=args.batch_size):
         print(json.dumps(record))

@@ -258,6 +258,29 @@ def read_inputs(path: str | Path) -> list[tuple[str, str | None]]:
     return pairs
 
 
+def check_pairs(task: TaskSpec | None, pairs: list[tuple[str, str | None]]) -> bool:
+    """Whether the examples are sentence pairs; refuses a mix, and the wrong kind for the task.
+
+    A pair task's model given one sentence (or a one-sentence task's given two) still returns
+    labels, but for an input it never saw in training: almost always a forgotten second sentence.
+    """
+    has_pair = [b is not None for _, b in pairs]
+    if not has_pair:
+        return False
+    if any(has_pair) and not all(has_pair):
+        n = has_pair.index(not has_pair[0]) + 1
+        raise LorafitError(f"predict: either every example is a sentence pair or none is (example {n} differs "
+                           f"from example 1)")
+    if task is not None and (len(task.text_fields) == 2) != has_pair[0]:
+        if has_pair[0]:
+            raise LorafitError(f"predict: {task.name} classifies single sentences ({task.text_fields[0]}), got "
+                               "sentence pairs: leave out --text-pair, or the second sentence of each --input example")
+        raise LorafitError(f"predict: {task.name} is a sentence-pair task ({task.text_fields[0]}, "
+                           f"{task.text_fields[1]}), got single sentences: give a --text-pair for each --text, or "
+                           "pairs in --input (a tab between the two sentences of a .txt line)")
+    return has_pair[0]
+
+
 @torch.inference_mode()
 def predict_texts(trained: Trained, pairs: list[tuple[str, str | None]], batch_size: int = 64) -> list[dict[str, Any]]:
     """One record per example: label and class probabilities, or a score for regression."""
@@ -265,14 +288,12 @@ def predict_texts(trained: Trained, pairs: list[tuple[str, str | None]], batch_s
     labels = list(trained.task.label_names) if trained.task and trained.task.label_names else None
     if labels is None and getattr(model.config, "num_labels", 1) > 1:
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    has_pair = check_pairs(trained.task, pairs)
     records = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         firsts = [a for a, _ in chunk]
         seconds = [b for _, b in chunk]
-        has_pair = any(b is not None for b in seconds)
-        if has_pair and not all(b is not None for b in seconds):
-            raise LorafitError("predict: either every example is a sentence pair or none is")
         enc = tok(firsts, seconds if has_pair else None, truncation=True, max_length=trained.max_length,
                   padding=True, return_tensors="pt")
         with trained.autocast():
