@@ -521,6 +521,28 @@ def test_error_wrong_number_of_fields_csv(tmp_path: Path) -> None:
         custom_task(path, ["text"], "label")
 
 
+@pytest.mark.parametrize("name, content, line", [
+    ("train.csv", "text,label\nhello,1\nbye,\nhi,0\n", 3),
+    ("train.tsv", "text\tlabel\nhello\t1\nbye\t \n", 3),
+    ("train.jsonl", '{"text": "hello", "label": 1}\n{"text": "bye", "label": ""}\n', 2),
+])
+def test_error_an_empty_label_is_not_a_class(tmp_path: Path, name: str, content: str, line: int) -> None:
+    # It used to become a class named "", and training started with one class too many.
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(LorafitError, match=re.escape(f"{path} line {line}: column 'label' is empty; every example needs a label")):
+        custom_task(path, ["text"], "label")
+
+
+def test_error_an_empty_label_in_a_validation_or_regression_file(tmp_path: Path) -> None:
+    good, bad = tmp_path / "train.csv", tmp_path / "dev.csv"
+    good.write_text("text,label\nhello,1\nbye,0\n")
+    bad.write_text("text,label\nhello,1\nbye, \n")
+    for task in (custom_task(good, ["text"], "label"), custom_task(good, ["text"], "label", regression=True)):
+        with pytest.raises(LorafitError, match=re.escape(f"{bad} line 3: column 'label' is empty")):
+            load_custom(bad, ["text"], "label", task, split="validation")
+
+
 def test_error_undecodable_bytes_names_line(tmp_path: Path) -> None:
     path = _sst2_dir(tmp_path, b"sentence\tlabel\ngood \t1\ncaf\xe9 \t1\n")
     with pytest.raises(LorafitError) as err:

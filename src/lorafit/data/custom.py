@@ -21,6 +21,7 @@ from lorafit.data.parsing import (
     Split,
     column_indices,
     decode,
+    empty_label,
     make_split,
     parse_rows,
     sha256,
@@ -140,24 +141,28 @@ def read_label_values(path: str | Path, label_column: str) -> list[str]:
     display = str(path)
     text = decode(_read_file(path), display)
     if kind == "jsonl":
-        return [
-            _json_label_text(_jsonl_field(display, line, record, label_column))
+        values = [
+            (line, _json_label_text(_jsonl_field(display, line, record, label_column)))
             for line, record in _jsonl_records(text, display)
         ]
-    header, rows = _delimited_table(kind, text, display)
-    (label_idx,) = column_indices(display, header, [label_column])
-    values = []
-    for line, fields in rows:
-        if not fields or fields == [""]:
-            continue
-        if len(fields) != len(header):
-            separator = "tab" if kind == "tsv" else "comma"
-            raise LorafitError(
-                f"{display} line {line}: expected {len(header)} {separator}-separated fields, "
-                f"got {len(fields)}"
-            )
-        values.append(fields[label_idx])
-    return values
+    else:
+        header, rows = _delimited_table(kind, text, display)
+        (label_idx,) = column_indices(display, header, [label_column])
+        values = []
+        for line, fields in rows:
+            if not fields or fields == [""]:
+                continue
+            if len(fields) != len(header):
+                separator = "tab" if kind == "tsv" else "comma"
+                raise LorafitError(
+                    f"{display} line {line}: expected {len(header)} {separator}-separated fields, "
+                    f"got {len(fields)}"
+                )
+            values.append((line, fields[label_idx]))
+    for line, value in values:
+        if not value.strip():
+            raise empty_label(display, line, label_column)
+    return [value for _, value in values]
 
 
 def load_custom(

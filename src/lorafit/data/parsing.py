@@ -84,6 +84,11 @@ def tsv_rows(text: str) -> Iterator[tuple[int, list[str]]]:
         yield number, line.split("\t")
 
 
+def empty_label(display: str, line: int, column: str) -> LorafitError:
+    """The error for an example without a label (which would otherwise be read as a class named "")."""
+    return LorafitError(f"{display} line {line}: column {column!r} is empty; every example needs a label")
+
+
 class LabelParser:
     """Turns raw label strings into class ids (or float scores), with errors naming the line."""
 
@@ -98,6 +103,8 @@ class LabelParser:
         return np.float32 if self.ids is None else np.int64
 
     def __call__(self, raw: str, line: int) -> int | float:
+        if not raw.strip():
+            raise empty_label(self.display, line, self.column)
         if self.ids is not None:
             label = self.ids.get(raw)
             if label is None:
