@@ -543,6 +543,16 @@ def test_error_an_empty_label_in_a_validation_or_regression_file(tmp_path: Path)
             load_custom(bad, ["text"], "label", task, split="validation")
 
 
+def test_error_a_column_named_twice(tmp_path: Path) -> None:
+    path = tmp_path / "train.csv"
+    path.write_text("text,text,label,note,note\na,b,1,x,y\nc,d,0,x,y\n")
+    with pytest.raises(LorafitError, match=re.escape(f"{path}: column 'text' appears 2 times in the header; rename all but one")):
+        load_custom(path, ["text"], "label", custom_task(path, ["text"], "label"))
+    # A repeated column that is not read is no one's concern.
+    path.write_text("text,label,note,note\na,1,x,y\nc,0,x,y\n")
+    assert len(load_custom(path, ["text"], "label", custom_task(path, ["text"], "label"))) == 2
+
+
 def test_error_undecodable_bytes_names_line(tmp_path: Path) -> None:
     path = _sst2_dir(tmp_path, b"sentence\tlabel\ngood \t1\ncaf\xe9 \t1\n")
     with pytest.raises(LorafitError) as err:
