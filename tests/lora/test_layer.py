@@ -241,20 +241,52 @@ def test_inference_path_gives_the_general_paths_bits(precision, r, alpha, use_rs
     assert torch.equal(short, general)
 
 
-def test_inference_path_follows_changes_to_b():
-    # The scaled copy of B is kept between calls: it must not outlive a change to B.
-    layer = _held(_nonzero_b(_layer(64, 48, r=4, alpha=8.0)), "fp32")
+@pytest.mark.parametrize("precision", ["fp32", "autocast, all held bf16"])
+@pytest.mark.parametrize("name", ["base_layer.weight", "base_layer.bias", "lora_A.weight", "lora_B.weight"])
+def test_inference_path_follows_changes_to_the_weights(precision, name):
+    # What the path keeps between calls (the scaled B, the weights it reads) must not outlive a
+    # change to a weight.
+    layer = _held(_nonzero_b(_layer(64, 48, r=4, alpha=8.0)), precision)
+    module_name, param_name = name.split(".")
+    module = layer.get_submodule(module_name)
     x = torch.randn(2, 5, 64)
-    first, _ = _both_paths(layer, x, "fp32")
-    _nonzero_b(layer, seed=2)  # in place, as an optimizer step or load_state_dict
-    general, short = _both_paths(layer, x, "fp32")
+    first, _ = _both_paths(layer, x, precision)
+    with torch.no_grad():
+        getattr(module, param_name).mul_(-3)  # in place, as an optimizer step or load_state_dict
+    general, short = _both_paths(layer, x, precision)
     assert not torch.equal(general, first) and torch.equal(short, general)
-    layer.lora_B.weight = nn.Parameter(layer.lora_B.weight.detach() * 3)  # replaced outright
-    general, short = _both_paths(layer, x, "fp32")
+    setattr(module, param_name, nn.Parameter(getattr(module, param_name).detach() * 3))  # replaced outright
+    general, short = _both_paths(layer, x, precision)
     assert torch.equal(short, general)
-    _held(layer, "autocast, all held bf16")  # .to() swaps the storage under the same Parameter
+    param, dtype = getattr(module, param_name), getattr(module, param_name).dtype
+    module.to(torch.float64).to(dtype)  # .to() swaps the storage under the same Parameter
+    param.data = param.data * 2  # as does assigning .data
+    assert getattr(module, param_name) is param
+    general, short = _both_paths(layer, x, precision)
+    assert torch.equal(short, general)
+
+
+def test_training_drops_what_evaluation_kept():
+    # Evaluation keeps a scaled copy of B and holds the memory of the weights it was made from
+    # (so that no other tensor gets their address): neither is needed while training.
+    layer = _held(_nonzero_b(_layer(64, 48, r=4, alpha=8.0)), "autocast, all held bf16")
+    _both_paths(layer, torch.randn(2, 5, 64), "autocast, all held bf16")
+    assert layer._kept is not None and layer._kept.scaled_b is not None
+    layer.eval()
+    assert layer._kept is not None
+    layer.train()
+    assert layer._kept is None
+
+
+def test_inference_path_runs_the_frozen_layers_hooks():
+    # A hook on the frozen layer (a user's, or one that records activations) must still fire on
+    # the shorter path: it calls the frozen layer, not its weights.
+    layer = _held(_nonzero_b(_layer(64, 48, r=4, alpha=8.0)), "autocast, all held bf16")
+    seen = []
+    layer.base_layer.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    x = torch.randn(2, 5, 64)
     general, short = _both_paths(layer, x, "autocast, all held bf16")
-    assert general.dtype == torch.bfloat16 and torch.equal(short, general)
+    assert seen == [(2, 5, 48), (2, 5, 48)] and torch.equal(short, general)
 
 
 def _op_counts(layer: LoRALinear, x: torch.Tensor, grad: bool) -> dict[str, int]:

@@ -20,10 +20,32 @@ state-dict keys map one to one onto PEFT's adapter files.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class _KeptOperands(NamedTuple):
+    base: nn.Linear
+    weight: torch.Tensor  # the frozen weight, A and B: the Parameters the layer held
+    weight_a: torch.Tensor
+    weight_b: torch.Tensor
+    scaling: float
+    device_type: str
+    b_state: tuple[int, int] | None  # B's version and data pointer when scaled_b was made
+    b_memory: torch.Tensor | None  # B's memory then, held so that no other tensor gets its address
+    scaled_b: torch.Tensor | None  # scaling * B, or None where that product is not exact
+
+
+def _branch_output(hidden: torch.Tensor, kept: _KeptOperands, scaling: float) -> torch.Tensor:
+    """``scaling * B hidden``, with the scale folded into ``B`` where that is exact."""
+    # In fp16 the fold is not exact: a product small enough to be subnormal there rounds
+    # differently at twice its size. bf16 and fp32 reach 2^-126 before that happens.
+    if kept.scaled_b is None or hidden.dtype == torch.float16:
+        return F.linear(hidden, kept.weight_b).mul_(scaling)
+    return F.linear(hidden, kept.scaled_b)
 
 
 class LoRALinear(nn.Module):
@@ -70,7 +92,7 @@ class LoRALinear(nn.Module):
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.ones(base_layer.out_features, **factory))
         self._dora_norm: torch.Tensor | None = None  # the norm merge() used, which unmerge() needs
-        self._scaled_b_cache: tuple | None = None  # see _scaled_b
+        self._kept: _KeptOperands | None = None  # see _kept_operands
         self.merged = False
         if init_lora_weights == "pissa":
             self._pissa_init()  # once: it changes the base weight
@@ -129,6 +151,11 @@ class LoRALinear(nn.Module):
     def _weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return torch.linalg.norm(weight + delta, dim=1)
 
+    def train(self, mode: bool = True) -> LoRALinear:
+        if mode:
+            self._kept = None  # what evaluation kept (a scaled copy of B, B's old memory) is not needed in training
+        return super().train(mode)
+
     def adapter_params(self) -> list[str]:
         """Names (relative to this module) of the parameters that make up the adapter."""
         dora = ["lora_magnitude_vector"] if self.lora_magnitude_vector is not None else []
@@ -153,53 +180,53 @@ class LoRALinear(nn.Module):
         """``forward`` in evaluation without autograd: the same bits in fewer operator calls.
 
         Unmerged inference at batch 1 is bound by the cost of each call, Python's included, not
-        by arithmetic (docs/performance.md, "Inference in bf16"), so three calls of the general
-        path go, and what replaces them is kept to a few attribute reads:
+        by arithmetic (docs/performance.md, "Inference in bf16"), so calls of the general path go,
+        and what replaces them is kept to a few attribute reads:
         * where autocast would cast the input of the frozen product to the dtype the layer and
           the factors are held in (``lorafit eval`` of a bf16 run), it is cast once here and
           shared with the branch: the same rounding;
-        * a scale that is a power of two, 1 or more, is folded into a copy of ``B`` kept until
-          ``B`` changes, where the branch computes in bf16 or fp32: multiplying by it is exact
-          there, so ``x A^T (s B)^T`` equals ``s (x A^T B^T)`` (values below 2^-126, which a
-          flush-to-zero kernel drops, are the one exception; trained factors have none);
+        * a scale that is a power of two, 1 or more, is folded into a copy of ``B``, where the
+          branch computes in bf16 or fp32: multiplying by it is exact there, so
+          ``x A^T (s B)^T`` equals ``s (x A^T B^T)`` (values below 2^-126, which a flush-to-zero
+          kernel drops, are the one exception; trained factors have none);
         * the branch is added into the frozen product's output in place.
-        Training takes none of this: the gradients of a shared cast would be summed in the low
-        precision, and a scaled copy of ``B`` would need a gradient of its own.
+        The scaled copy is kept until ``B`` changes: a new Parameter, new memory under it
+        (``.to()``, ``.data = ...``), or an in-place change, which PyTorch counts in the tensor's
+        version, except through ``.data`` (``B.data.mul_(2)`` goes unseen, as it does by autograd;
+        change weights under ``torch.no_grad()`` instead). Training takes none of
+        this: the gradients of a shared cast would be summed in the low precision, and a scaled
+        copy of ``B`` would need a gradient of its own.
         """
-        weight_a = self.lora_A.weight
-        if x.dtype == weight_a.dtype:
-            result = self.base_layer(x)
-        elif self.base_layer.weight.dtype == weight_a.dtype and torch.get_autocast_dtype(x.device.type) == weight_a.dtype:
-            x = x.to(weight_a.dtype)  # (without autocast the frozen product would refuse x's dtype)
-            result = self.base_layer(x)
-        else:
-            result = self.base_layer(x)
-            x = x.to(weight_a.dtype)
-        hidden = F.linear(x, weight_a)
-        # In fp16 the fold is not exact: a product small enough to be subnormal there rounds
-        # differently at twice its size. bf16 and fp32 reach 2^-126 before that happens.
-        scaled_b = self._scaled_b() if hidden.dtype != torch.float16 else None
-        if scaled_b is None:
-            lora_out = F.linear(hidden, self.lora_B.weight).mul_(self.scaling)
-        else:
-            lora_out = F.linear(hidden, scaled_b)
+        kept = self._kept_operands()
+        dtype = kept.weight_a.dtype
+        if x.dtype != dtype and kept.weight.dtype == dtype and torch.get_autocast_dtype(kept.device_type) == dtype:
+            x = x.to(dtype)  # (without autocast the frozen product would refuse x's dtype)
+        result = kept.base(x)
+        lora_out = _branch_output(F.linear(x if x.dtype == dtype else x.to(dtype), kept.weight_a), kept, self.scaling)
         return result.add_(lora_out if lora_out.dtype == result.dtype else lora_out.to(result.dtype))
 
-    def _scaled_b(self) -> torch.Tensor | None:
-        """``scaling * B`` where that product is exact, else None; kept until ``B`` changes."""
-        if torch.compiler.is_compiling():
-            return None  # the tracer cannot read data pointers; a compiled graph fuses the multiply anyway
-        weight, cached = self.lora_B.weight, self._scaled_b_cache
-        # Holding the Parameter keeps a replaced one's memory from coming back under the same
-        # address; an in-place update bumps the version, a ``.data`` swap (``.to()``) the pointer.
-        if cached is not None and cached[0] is weight and cached[1] == weight._version and cached[2] == weight.data_ptr():
-            return cached[3]
-        if weight.is_inference():
-            return None  # no version counter to watch
+    def _kept_operands(self) -> _KeptOperands:
+        """The layer's weights, read straight from the parameter dicts (the usual lookups through
+        ``nn.Module.__getattr__`` cost a visible share of the branch at batch 1), and the scaled
+        copy of ``B``, kept until ``B`` changes."""
+        modules = self._modules
+        base = modules["base_layer"]
+        weight, weight_a, weight_b = base._parameters["weight"], modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"]
+        if torch.compiler.is_compiling():  # the tracer cannot read data pointers; a compiled graph fuses the multiply anyway
+            return _KeptOperands(base, weight, weight_a, weight_b, self.scaling, weight.device.type, None, None, None)
+        kept = self._kept
+        # An in-place update bumps B's version; a ``.data`` swap (``.to()``) changes its pointer,
+        # since the memory the copy was made from is held and cannot be reused.
+        if (kept is not None and kept.base is base and kept.weight is weight and kept.weight_a is weight_a and kept.weight_b is weight_b
+                and kept.scaling == self.scaling and kept.b_state == (weight_b._version, weight_b.data_ptr())):
+            return kept
+        kept = _KeptOperands(base, weight, weight_a, weight_b, self.scaling, weight.device.type, None, None, None)
+        if weight_b.is_inference():
+            return kept  # no version to watch, so nothing is kept
         exact = math.frexp(self.scaling)[0] == 0.5 and self.scaling >= 1  # a power of two, 1 or more
-        scaled = weight.detach() * self.scaling if exact else None
-        self._scaled_b_cache = (weight, weight._version, weight.data_ptr(), scaled)
-        return scaled
+        self._kept = kept._replace(b_state=(weight_b._version, weight_b.data_ptr()), b_memory=weight_b.detach(),
+                                   scaled_b=weight_b.detach() * self.scaling if exact else None)
+        return self._kept
 
     def _dora_extra(self, lora_in: torch.Tensor, result: torch.Tensor, lora_out: torch.Tensor) -> torch.Tensor:
         """What DoRA adds to the base output: (m / ||W + s B A|| - 1) W x + m / ||W + s B A|| s B A x."""
