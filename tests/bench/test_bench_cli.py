@@ -129,6 +129,7 @@ def test_infer_and_memory_modes(tmp_path):
     runs = [r for r in _records(out) if r["kind"] == "measurement"]
     assert [r["variant"] for r in runs] == ["base", "unmerged", "merged"]
     assert all(r["latency_ms_b1"] > 0 and r["latency_p90_ms_b32"] >= r["latency_ms_b32"] for r in runs)
+    assert all(r["warmup_inputs"] == 60 for r in runs)  # an untimed pass over the 60 timed inputs
     # One worker times the three variants interleaved: one environment, and a paired ratio per
     # input for each LoRA variant against the base model.
     assert len({json.dumps(r["environment"], sort_keys=True) for r in runs}) == 1

@@ -77,7 +77,7 @@ def _inference_model(work: Workload, variant: str) -> torch.nn.Module:
     return model.eval().to(work.device)
 
 
-def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60, warmup: int = 5) -> dict[str, Any]:
+def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60) -> dict[str, Any]:
     """Latency (median, p90) at batch 1 and 32, and throughput at 32, of each model variant.
 
     The variants' calls are interleaved (each input runs through every model in turn, the order
@@ -85,6 +85,12 @@ def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60, 
     VM the machine's speed drifts by tens of percent within a minute, which timed blocks would
     read as differences between the models. Interleaved, each input also gives a paired ratio
     (a variant's time over the base model's on the same input), whose median is reported too.
+
+    An untimed pass over the same inputs comes first. Some costs come once per input shape: on
+    a CPU, oneDNN generates kernels for each new sequence length, and unmerged LoRA has two more
+    products per layer to generate them for. A few warm-up inputs would leave most lengths to
+    the timed pass (with 5, unmerged LoRA read +17.9% over the base model at batch 1 in bf16,
+    against +13.7% once 300 inputs were timed; docs/performance.md, "Unmerged inference").
     """
     from lorafit.data import collate
 
@@ -102,11 +108,12 @@ def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60, 
 
         for model in models.values():
             cast_linears_bf16(model)
-    out: dict[str, dict[str, Any]] = {v: {"variant": v, "precision": precision} for v in variants}
+    out: dict[str, dict[str, Any]] = {v: {"variant": v, "precision": precision, "warmup_inputs": calls} for v in variants}
     for batch in (1, 32):
         times: dict[str, list[float]] = {v: [] for v in variants}
-        for n in range(calls + warmup):  # consecutive dev examples, wrapping around a small set
-            inputs = collate(data, np.arange(n * batch, (n + 1) * batch) % len(data), pad)
+        for n in range(2 * calls):  # a warm-up pass, then the timed one over the same inputs
+            first = (n % calls) * batch  # consecutive dev examples, wrapping around a small set
+            inputs = collate(data, np.arange(first, first + batch) % len(data), pad)
             inputs.pop("labels")
             inputs = {k: v.to(device) for k, v in inputs.items()}
             for k in range(len(variants)):
@@ -114,7 +121,7 @@ def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60, 
                 t0 = time.perf_counter()
                 with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     models[variant](**inputs).logits.float().cpu()  # .cpu() waits for the GPU
-                if n >= warmup:
+                if n >= calls:
                     times[variant].append(time.perf_counter() - t0)
         for variant, ts in times.items():
             out[variant][f"latency_ms_b{batch}"] = statistics.median(ts) * 1e3
