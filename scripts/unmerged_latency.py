@@ -5,8 +5,9 @@
 
 Builds the models ``lorafit bench infer`` builds (embedded MiniLM, SST-2 dev sentences, a LoRA
 adapter with B != 0, every linear layer held in bf16 as ``lorafit eval`` holds a bf16 run), then
-runs each input through all of them in turn, at batch 1 under bf16 autocast. Prints each variant's median latency and its paired overhead: the
-median over inputs of its time over the base model's on the same input.
+runs each input through all of them in turn, at batch 1 under bf16 autocast. Prints each
+variant's median latency and its paired overhead: the median over inputs of its time over the
+base model's on the same input.
 
 ``lorafit bench infer`` starts a fresh process per repeat; between processes the same model's
 overhead moves by 1-2 points at batch 1, more than some changes to ``LoRALinear`` are worth.
@@ -91,7 +92,8 @@ def main() -> None:
         # A fresh order for each input (by default): in a fixed rotation each model always follows
         # the same other one and finds the caches as that one left them. (Both orders measured
         # alike here; the bench rotates.)
-        for variant in order.permutation(variants) if args.order == "random" else variants[n % len(variants):] + variants[:n % len(variants)]:
+        turn = n % len(variants)
+        for variant in order.permutation(variants) if args.order == "random" else variants[turn:] + variants[:turn]:
             start = time.perf_counter()
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
                 logits[variant] = models[variant](**inputs).logits.float()
@@ -102,7 +104,8 @@ def main() -> None:
             raise SystemExit(f"input {n}: the unmerged variants' logits differ")
 
     env = environment()
-    print(f"{env['cpu']} ({', '.join(k for k, on in env['cpu_flags'].items() if on)}), {env['threads']} threads, {env['allocator']}, "
+    flags = ", ".join(k for k, on in env["cpu_flags"].items() if on)
+    print(f"{env['cpu']} ({flags}), {env['threads']} threads, {env['allocator']}, "
           f"torch {env['versions']['torch']}, batch 1, bf16, {args.calls} inputs")
     for variant in variants:
         paired = statistics.median(t / b for t, b in zip(times[variant], times["base"])) - 1

@@ -153,7 +153,7 @@ class LoRALinear(nn.Module):
 
     def train(self, mode: bool = True) -> LoRALinear:
         if mode:
-            self._kept = None  # what evaluation kept (a scaled copy of B, B's old memory) is not needed in training
+            self._kept = None  # what evaluation kept (a scaled B, B's old memory) is not needed in training
         return super().train(mode)
 
     def adapter_params(self) -> list[str]:
@@ -193,16 +193,17 @@ class LoRALinear(nn.Module):
         The scaled copy is kept until ``B`` changes: a new Parameter, new memory under it
         (``.to()``, ``.data = ...``), or an in-place change, which PyTorch counts in the tensor's
         version, except through ``.data`` (``B.data.mul_(2)`` goes unseen, as it does by autograd;
-        change weights under ``torch.no_grad()`` instead). Training takes none of
-        this: the gradients of a shared cast would be summed in the low precision, and a scaled
-        copy of ``B`` would need a gradient of its own.
+        change weights under ``torch.no_grad()`` instead). Training takes none of this: the
+        gradients of a shared cast would be summed in the low precision, and a scaled copy of
+        ``B`` would need a gradient of its own.
         """
         kept = self._kept_operands()
         dtype = kept.weight_a.dtype
         if x.dtype != dtype and kept.weight.dtype == dtype and torch.get_autocast_dtype(kept.device_type) == dtype:
             x = x.to(dtype)  # (without autocast the frozen product would refuse x's dtype)
         result = kept.base(x)
-        lora_out = _branch_output(F.linear(x if x.dtype == dtype else x.to(dtype), kept.weight_a), kept, self.scaling)
+        hidden = F.linear(x if x.dtype == dtype else x.to(dtype), kept.weight_a)
+        lora_out = _branch_output(hidden, kept, self.scaling)
         return result.add_(lora_out if lora_out.dtype == result.dtype else lora_out.to(result.dtype))
 
     def _kept_operands(self) -> _KeptOperands:
@@ -211,14 +212,18 @@ class LoRALinear(nn.Module):
         copy of ``B``, kept until ``B`` changes."""
         modules = self._modules
         base = modules["base_layer"]
-        weight, weight_a, weight_b = base._parameters["weight"], modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"]
-        if torch.compiler.is_compiling():  # the tracer cannot read data pointers; a compiled graph fuses the multiply anyway
-            return _KeptOperands(base, weight, weight_a, weight_b, self.scaling, weight.device.type, None, None, None)
+        weight = base._parameters["weight"]
+        weight_a, weight_b = modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"]
+        if torch.compiler.is_compiling():
+            # The tracer cannot read data pointers; a compiled graph fuses the multiply anyway.
+            return _KeptOperands(base, weight, weight_a, weight_b, self.scaling, weight.device.type,
+                                 None, None, None)
         kept = self._kept
         # An in-place update bumps B's version; a ``.data`` swap (``.to()``) changes its pointer,
         # since the memory the copy was made from is held and cannot be reused.
-        if (kept is not None and kept.base is base and kept.weight is weight and kept.weight_a is weight_a and kept.weight_b is weight_b
-                and kept.scaling == self.scaling and kept.b_state == (weight_b._version, weight_b.data_ptr())):
+        if (kept is not None and kept.base is base and kept.weight is weight and kept.weight_a is weight_a
+                and kept.weight_b is weight_b and kept.scaling == self.scaling
+                and kept.b_state == (weight_b._version, weight_b.data_ptr())):
             return kept
         kept = _KeptOperands(base, weight, weight_a, weight_b, self.scaling, weight.device.type, None, None, None)
         if weight_b.is_inference():
