@@ -89,8 +89,8 @@ def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60) 
     An untimed pass over the same inputs comes first. Some costs come once per input shape: on
     a CPU, oneDNN generates kernels for each new sequence length, and unmerged LoRA has two more
     products per layer to generate them for. A few warm-up inputs would leave most lengths to
-    the timed pass (with 5, unmerged LoRA read +17.9% over the base model at batch 1 in bf16,
-    against +13.7% once 300 inputs were timed; docs/performance.md, "Unmerged inference").
+    the timed pass, and with 5 that put unmerged LoRA several points higher at batch 1 in bf16
+    (docs/performance.md, "Unmerged inference on the AMD EPYC").
     """
     from lorafit.data import collate
 
