@@ -126,15 +126,15 @@ class LabelParser:
 
 
 def column_indices(display: str, header: Sequence[str], wanted: Sequence[str]) -> list[int]:
+    header = list(header)
     indices = []
     for column in wanted:
         if column not in header:
             present = ", ".join(repr(c) for c in header)
             raise LorafitError(f"{display}: missing column {column!r}; columns present: {present}")
-        if list(header).count(column) > 1:  # which one was meant cannot be known
-            raise LorafitError(f"{display}: column {column!r} appears {list(header).count(column)} times in the "
-                               "header; rename all but one")
-        indices.append(list(header).index(column))
+        if (count := header.count(column)) > 1:  # which one was meant cannot be known
+            raise LorafitError(f"{display}: column {column!r} appears {count} times in the header; rename all but one")
+        indices.append(header.index(column))
     return indices
 
 
