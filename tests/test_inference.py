@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,6 +120,45 @@ def test_bf16_inference_stores_the_linears_in_bf16_and_gets_autocasts_outputs(bf
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             autocast_alone = plain.model(**batch).logits
         assert torch.equal(ours, autocast_alone)
+
+
+def test_predict_runs_longest_first_and_answers_in_input_order(bf16_run, one_thread):
+    from lorafit.data import encode_split, load_split
+    from lorafit.evaluation import predict_logits
+    from lorafit.inference import predict_texts
+
+    run, _ = bf16_run
+    trained = load_trained(run, merge=False, precision="trained")
+    dev = load_split(trained.task, "validation", None)
+    pairs = list(zip(dev.text_a[:24], dev.text_b[:24]))
+    encoded = encode_split(dev, trained.tokenizer, trained.max_length).select(np.arange(24))
+    widths = []
+    hook = trained.model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape),
+                                                   with_kwargs=True)
+    records = predict_texts(trained, pairs, batch_size=8)
+    hook.remove()
+    assert [(r["text"], r["text_pair"]) for r in records] == pairs
+    # Longest first, so each batch pads little; in input order these 24 would cost more tokens.
+    longest_first = sorted(encoded.lengths.tolist(), reverse=True)
+    assert widths == [(8, longest_first[i]) for i in (0, 8, 16)]
+    input_order = sum(8 * max(encoded.lengths[i : i + 8]) for i in (0, 8, 16))
+    assert sum(b * w for b, w in widths) < input_order
+    # The logits `lorafit eval` computes for these examples at this batch size, in input order.
+    logits = predict_logits(trained.model, encoded, 8, trained.tokenizer.pad_token_id, trained.autocast)
+    assert [r["score"] for r in records] == [round(float(x), 6) for x in logits[:, 0]]
+    alone = [predict_texts(trained, [pair], batch_size=1)[0]["score"] for pair in pairs[:6]]
+    assert alone == pytest.approx([r["score"] for r in records[:6]], abs=0.05)
+
+
+def test_predict_needs_no_recorded_task(bf16_run, tmp_path, one_thread):
+    from lorafit.inference import predict_texts
+
+    run, _ = bf16_run
+    trained = load_trained(run, precision="fp32")
+    trained.task = None  # as for a PEFT adapter or a plain model folder
+    records = predict_texts(trained, [("a man plays", "a man is playing"), ("dogs", "two cats sleep")], batch_size=2)
+    assert [set(r) for r in records] == [{"text", "text_pair", "score"}] * 2
+    assert len({r["score"] for r in records}) == 2
 
 
 @pytest.mark.parametrize("frozen_bf16", [True, False])

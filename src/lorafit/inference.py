@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lorafit.config import TrainConfig
-from lorafit.data import TaskSpec, encode_split, get_task, load_custom, load_split, read_table
+from lorafit.data import Encoded, Split, TaskSpec, encode_split, get_task, load_custom, load_split, read_table
 from lorafit.errors import LorafitError
 from lorafit.evaluation import predict_logits
 from lorafit.fastpath import resolve_frozen_bf16, resolve_precision
@@ -281,32 +281,41 @@ def check_pairs(task: TaskSpec | None, pairs: list[tuple[str, str | None]]) -> b
     return has_pair[0]
 
 
+def encode_inputs(trained: Trained, pairs: list[tuple[str, str | None]]) -> Encoded:
+    """The examples tokenized as a dev split is for evaluation (truncated, unpadded; user input is not cached)."""
+    has_pair = check_pairs(trained.task, pairs)
+    # A model without a recorded task still needs a task's fields here; its labels are never read.
+    task = trained.task or TaskSpec("predict", None, ("text", "text_pair")[: 1 + has_pair], None, "pearson", ("pearson",))
+    split = Split(task, "predict", [a for a, _ in pairs], [b or "" for _, b in pairs] if has_pair else None,
+                  np.zeros(len(pairs), np.float32), source="predict input", checksum="")
+    return encode_split(split, trained.tokenizer, trained.max_length, cache_dir=None)
+
+
 @torch.inference_mode()
 def predict_texts(trained: Trained, pairs: list[tuple[str, str | None]], batch_size: int = 64) -> list[dict[str, Any]]:
-    """One record per example: label and class probabilities, or a score for regression."""
-    model, tok = trained.model, trained.tokenizer
+    """One record per example, in input order: label and class probabilities, or a score for regression.
+
+    The examples run longest first, as ``lorafit eval`` runs a split (:func:`predict_logits`):
+    batches of the input's order are padded to their longest example, about half of SST-2's dev
+    tokens at batch 64, and the same batches give the logits ``eval`` scores, bit for bit.
+    """
+    model = trained.model
     labels = list(trained.task.label_names) if trained.task and trained.task.label_names else None
     if labels is None and getattr(model.config, "num_labels", 1) > 1:
         labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    has_pair = check_pairs(trained.task, pairs)
+    data = encode_inputs(trained, pairs)
+    logits = torch.from_numpy(predict_logits(model, data, batch_size, trained.tokenizer.pad_token_id or 0,
+                                             trained.autocast))
     records = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        firsts = [a for a, _ in chunk]
-        seconds = [b for _, b in chunk]
-        enc = tok(firsts, seconds if has_pair else None, truncation=True, max_length=trained.max_length,
-                  padding=True, return_tensors="pt")
-        with trained.autocast():
-            logits = model(**enc).logits.float()
-        for i, (a, b) in enumerate(chunk):
-            record: dict[str, Any] = {"text": a} if b is None else {"text": a, "text_pair": b}
-            if labels is None:
-                record["score"] = round(float(logits[i, 0]), 6)
-            else:
-                probs = torch.softmax(logits[i], -1).tolist()
-                record["label"] = labels[int(np.argmax(probs))]
-                record["probabilities"] = {name: round(p, 6) for name, p in zip(labels, probs)}
-            records.append(record)
+    for i, (a, b) in enumerate(pairs):
+        record: dict[str, Any] = {"text": a} if b is None else {"text": a, "text_pair": b}
+        if labels is None:
+            record["score"] = round(float(logits[i, 0]), 6)
+        else:
+            probs = torch.softmax(logits[i], -1).tolist()
+            record["label"] = labels[int(np.argmax(probs))]
+            record["probabilities"] = {name: round(p, 6) for name, p in zip(labels, probs)}
+        records.append(record)
     return records
 
 
