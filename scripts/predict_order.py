@@ -1,12 +1,13 @@
 """``lorafit predict``'s batches, longest first against the input's order, in one process.
 
     LD_PRELOAD=libtcmalloc_minimal.so.4 PYTHONPATH=src python scripts/predict_order.py RUN \
-        --input sst2-dev.txt --batch-size 64 --rounds 5 --out docs/performance/predict
+        --task sst2 --batch-size 64 --rounds 5 --out docs/performance/predict
 
 ``lorafit predict --input FILE`` runs its examples longest first, as ``lorafit eval`` runs a dev
 split, and puts the answers back in the file's order. Batches taken in the file's order are
 padded to their longest example. Both orders run here on the same tokenized examples, the same
-model and precision as ``lorafit predict RUN`` (``--precision trained``). The orders alternate
+model and precision as ``lorafit predict RUN`` (``--precision trained``): the examples of
+``--input FILE``, or a GLUE task's dev sentences in their file's order (``--task``). The orders alternate
 round by round, and the first round of each is a warm-up, not timed. Prints each order's median
 seconds, the speed-up, the padded tokens each computes, and how many predicted labels agree.
 """
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from lorafit.bench.env import environment
-from lorafit.data import collate
+from lorafit.data import collate, get_task, load_split
 from lorafit.evaluation import predict_logits
 from lorafit.inference import encode_inputs, load_trained, read_inputs
 
@@ -42,16 +43,23 @@ def _input_order(model: torch.nn.Module, data, batch_size: int, pad: int, autoca
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run", help="a trained run, adapter or model folder, as `lorafit predict` takes")
-    p.add_argument("--input", required=True, help="examples, as `lorafit predict --input` reads them")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="examples, as `lorafit predict --input` reads them")
+    source.add_argument("--task", help="or a GLUE task's dev sentences, in the file's order")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of each order")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--precision", default="trained")
-    p.add_argument("--out", help="folder for the result (<input stem>-b<batch>.json)")
+    p.add_argument("--out", help="folder for the result (<input stem or task-dev>-b<batch>-<precision>.json)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     trained = load_trained(args.run, precision=args.precision)
-    data = encode_inputs(trained, read_inputs(args.input))
+    if args.input:
+        pairs, label = read_inputs(args.input), Path(args.input).stem
+    else:
+        dev = load_split(get_task(args.task), "validation", None)
+        pairs, label = list(zip(dev.text_a, dev.text_b or [None] * len(dev))), f"{args.task}-dev"
+    data = encode_inputs(trained, pairs)
     pad = trained.tokenizer.pad_token_id or 0
     orders = {
         "longest_first": lambda: predict_logits(trained.model, data, args.batch_size, pad, trained.autocast),
@@ -70,7 +78,7 @@ def main() -> None:
     ranked = np.sort(lengths)[::-1]
     ranked_chunks = [ranked[i : i + args.batch_size] for i in range(0, len(ranked), args.batch_size)]
     result = {
-        "input": Path(args.input).name, "examples": len(data), "batch_size": args.batch_size,
+        "input": label, "examples": len(data), "batch_size": args.batch_size,
         "precision": trained.precision, "threads": args.threads, "rounds": args.rounds,
         "real_tokens": int(lengths.sum()),
         "padded_tokens": {"longest_first": int(sum(c.max() * len(c) for c in ranked_chunks)),
@@ -92,7 +100,7 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{Path(args.input).stem}-b{args.batch_size}-{trained.precision}.json").write_text(
+        (out / f"{label}-b{args.batch_size}-{trained.precision}.json").write_text(
             json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
 
