@@ -14,7 +14,7 @@ and, beside each, the same rows split in two halves and computed as one batched 
 (``baddbmm`` / ``bmm`` over a batch of 2), which oneDNN spreads over the threads differently.
 Prints the median microseconds, GFLOP/s, the 2-thread speed-up, and whether the split gives the
 same bits. ``lorafit bench`` measures whole runs; this shows where a step's matmuls lose the
-second core (docs/performance.md, "Two threads").
+second core (docs/performance/journal.md, "Two threads").
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@
 but what lies around them still runs from Python, kernel by kernel: Dynamo's guard check, the
 autograd engine between the two graphs, gradient clipping (a norm over every gradient, then a
 scale) and AdamW. On roberta-base's shape at batch 16 that left 6.6 ms of host time per step
-for 4.2 ms of GPU work (docs/performance.md, "GPU"): the GPU waited on Python. Here the compiled
-forward, the backward, clipping and the optimizer step are captured together, once per batch
-shape (PyTorch's "whole-network capture", ``torch.cuda.graph``), and a step is a copy of the
-batch into the graph's input buffers and one replay.
+for 4.2 ms of GPU work (docs/performance/journal.md, "The whole step as one CUDA graph"): the GPU
+waited on Python. Here the compiled forward, the backward, clipping and the optimizer step are
+captured together, once per batch shape (PyTorch's "whole-network capture", ``torch.cuda.graph``),
+and a step is a copy of the batch into the graph's input buffers and one replay.
 
 What capture needs, and how lorafit provides it:
 

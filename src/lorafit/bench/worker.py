@@ -90,7 +90,7 @@ def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60) 
     a CPU, oneDNN generates kernels for each new sequence length, and unmerged LoRA has two more
     products per layer to generate them for. A few warm-up inputs would leave most lengths to
     the timed pass, and with 5 that put unmerged LoRA several points higher at batch 1 in bf16
-    (docs/performance.md, "Unmerged inference on the AMD EPYC").
+    (docs/performance/journal.md, "Unmerged inference on the AMD EPYC").
     """
     from lorafit.data import collate
 

@@ -180,8 +180,8 @@ class LoRALinear(nn.Module):
         """``forward`` in evaluation without autograd: the same bits in fewer operator calls.
 
         Unmerged inference at batch 1 is bound by the cost of each call, Python's included, not
-        by arithmetic (docs/performance.md, "Inference in bf16"), so calls of the general path go,
-        and what replaces them is kept to a few attribute reads:
+        by arithmetic (docs/performance/journal.md, "Inference in bf16"), so calls of the general
+        path go, and what replaces them is kept to a few attribute reads:
         * where autocast would cast the input of the frozen product to the dtype the layer and
           the factors are held in (``lorafit eval`` of a bf16 run), it is cast once here and
           shared with the branch: the same rounding;
