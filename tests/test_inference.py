@@ -88,6 +88,42 @@ def test_inference_precision_resolves_each_choice(monkeypatch):
     assert inference_precision("auto", "bf16") == "fp32"
     with pytest.raises(LorafitError, match="--precision: expected one of trained, auto, fp32, bf16, got 'fp16'"):
         inference_precision("fp16", None)
+    # On a GPU an fp16 run infers in fp16, as it trained; the CPU has no fast fp16 products.
+    gpu = torch.device("cuda")
+    assert inference_precision("trained", "fp16", gpu) == "fp16"
+    assert inference_precision("trained", "bf16", gpu) == "bf16" and inference_precision("trained", None, gpu) == "fp32"
+
+
+def test_cli_runs_the_model_where_device_says(bf16_run, one_thread, capsys):
+    from lorafit.cli import main
+
+    run, summary = bf16_run
+    trained = load_trained(run, precision="trained", device="cpu")
+    assert trained.device == torch.device("cpu") and {p.device.type for p in trained.model.parameters()} == {"cpu"}
+    assert main(["eval", str(run), "--unmerged", "--max-eval-samples", "16", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out) == summary["best_metrics"]
+    code = main(["predict", str(run), "--text", "a man plays", "--text-pair", "a man is playing", "--device", "cuda"])
+    if torch.cuda.is_available():
+        assert code == 0 and "score" in json.loads(capsys.readouterr().out)
+    else:
+        assert code == 2
+        assert capsys.readouterr().err.strip() == "lorafit: error: --device cuda: no CUDA device is available (use --device cpu)"
+
+
+@pytest.mark.gpu
+def test_a_gpu_evaluates_and_predicts_as_the_cpu_does(bf16_run, one_thread):
+    from lorafit.inference import predict_texts
+
+    run, _ = bf16_run
+    on_cpu = evaluate_trained(run, max_eval_samples=16, precision="fp32")
+    on_gpu = evaluate_trained(run, max_eval_samples=16, precision="fp32", device="cuda")
+    assert on_gpu["pearson"] == pytest.approx(on_cpu["pearson"], abs=1e-3)
+    trained = load_trained(run, precision="trained", device="cuda")
+    assert trained.precision == "bf16" and {p.device.type for p in trained.model.parameters()} == {"cuda"}
+    pairs = [("a man plays a guitar", "a man is playing"), ("two dogs run", "a cat sleeps on a sofa")]
+    gpu_scores = [r["score"] for r in predict_texts(trained, pairs)]
+    cpu_scores = [r["score"] for r in predict_texts(load_trained(run, precision="trained"), pairs)]
+    assert gpu_scores == pytest.approx(cpu_scores, abs=0.05)
 
 
 def test_cli_eval_takes_the_precision_and_refuses_an_unknown_one(bf16_run, one_thread, capsys):

@@ -112,7 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate_trained(args.path, task=args.task, data_dir=args.data_dir, merged=not args.unmerged,
                                batch_size=args.batch_size, max_eval_samples=args.max_eval_samples,
-                               precision=args.precision)
+                               precision=args.precision, device=args.device)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -131,7 +131,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise LorafitError(f"predict: {len(args.text_pair)} --text-pair for {len(args.text)} --text: "
                            "give one --text-pair for each --text")
     pairs = list(zip(args.text, args.text_pair or [None] * len(args.text))) if args.text else read_inputs(args.input)
-    trained = load_trained(args.path, precision=args.precision)
+    trained = load_trained(args.path, precision=args.precision, device=args.device)
     for record in predict_texts(trained, pairs, batch_size=args.batch_size):
         print(json.dumps(record))
     return 0
@@ -145,7 +145,7 @@ def _predict_split(args: argparse.Namespace) -> int:
     if not args.output:
         raise LorafitError("predict: --split test needs --output DIR for the GLUE submission file(s)")
     for path in write_test_predictions(args.path, args.output, args.data_dir, args.batch_size, args.overwrite,
-                                       args.precision):
+                                       args.precision, args.device):
         print(f"wrote {path}")
     return 0
 
@@ -220,7 +220,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from lorafit.config import TrainConfig
-    from lorafit.flags import add_precision_argument
+    from lorafit.flags import add_inference_arguments
     from lorafit.report.make import add_report_arguments
     from lorafit.submit import add_submit_arguments
     from lorafit.sweep.cli import add_sweep_arguments
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=count(), help="default: a run directory's eval batch size, else 64")
     p.add_argument("--max-eval-samples", type=count())
     p.add_argument("--unmerged", action="store_true", help="evaluate with the LoRA branch unmerged")
-    add_precision_argument(p)
+    add_inference_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     text = "labels and probabilities (or scores) for new sentences (in the precision the model trained in)"
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="with --split: folder for the task's submission file (SST-2.tsv, ...)")
     p.add_argument("--data-dir", help="with --split: GLUE-layout folder for test files that are not vendored")
     p.add_argument("--overwrite", action="store_true", help="with --split: replace existing files")
-    add_precision_argument(p)
+    add_inference_arguments(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("submit", help="zip GLUE test predictions of one run per task for the GLUE server")

@@ -80,9 +80,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser | argparse._Argument
 INFERENCE_PRECISIONS = ("trained", "auto", "fp32", "bf16")
 
 
-def add_precision_argument(parser: argparse.ArgumentParser) -> None:
-    """``--precision`` of the commands that run a trained model (eval, predict, submit)."""
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` and ``--device`` of the commands that run a trained model (eval, predict, submit)."""
     parser.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="trained",
                         help="what the model computes in: 'trained' (default: the precision it trained in, "
-                             "as recorded with it; fp32 where nothing is recorded or it trained in fp16), "
-                             "'auto' (bf16 where the CPU multiplies bf16 natively), 'fp32' or 'bf16' (autocast)")
+                             "as recorded with it; fp32 where nothing is recorded, or where it trained in fp16 "
+                             "and runs on the CPU), 'auto' (bf16 where the hardware multiplies bf16 natively), "
+                             "'fp32' or 'bf16' (autocast)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the model runs: auto (default: a GPU when there is one), cpu or cuda")

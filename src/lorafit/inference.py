@@ -24,7 +24,7 @@ from lorafit.config import TrainConfig
 from lorafit.data import Encoded, Split, TaskSpec, encode_split, get_task, load_custom, load_split, read_table
 from lorafit.errors import LorafitError
 from lorafit.evaluation import predict_logits
-from lorafit.fastpath import resolve_frozen_bf16, resolve_precision
+from lorafit.fastpath import resolve_device, resolve_frozen_bf16, resolve_precision
 from lorafit.flags import INFERENCE_PRECISIONS
 from lorafit.io import atomic_dir, atomic_write_json, read_json, read_text, read_yaml_mapping
 from lorafit.lora import load_adapter, merge_and_unload, read_adapter_config, read_adapter_metadata
@@ -43,33 +43,40 @@ class Trained:
     task: TaskSpec | None
     max_length: int
     config: TrainConfig | None = None  # when loaded from a run directory
-    precision: str = "fp32"  # what inference computes in: fp32 or bf16 (run the model under autocast())
+    precision: str = "fp32"  # what inference computes in: fp32, bf16 or fp16 (run the model under autocast())
     trained_in: str | None = None  # the precision recorded with the model, if any
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        """The context inference runs in: bf16 autocast on the CPU, or nothing for fp32."""
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        """The context inference runs in: bf16 (or, on a GPU, fp16) autocast, or nothing for fp32."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def inference_precision(requested: str, trained_in: str | None) -> str:
-    """The precision inference computes in on the CPU: ``fp32`` or ``bf16``.
+def inference_precision(requested: str, trained_in: str | None, device: torch.device | None = None) -> str:
+    """The precision inference computes in on ``device`` (the CPU by default): ``fp32``, ``bf16`` or ``fp16``.
 
     Args:
         requested: ``trained`` (what the model trained in: a run's config.yaml, or the metadata
             lorafit writes beside an adapter or a merged model; fp32 where neither says), ``auto``
-            (bf16 where the CPU multiplies bf16 natively, as ``lorafit train`` picks), ``fp32`` or
+            (bf16 where the hardware multiplies bf16 natively, as ``lorafit train`` picks), ``fp32`` or
             ``bf16``.
         trained_in: The precision recorded with the model, if any.
+        device: Where the model runs.
 
-    A model trained in fp16, which needs a GPU, infers in fp32 here. In bf16 the linears are held
-    as training held or autocast cast them (:func:`cast_linears_bf16`), so an unmerged run
-    directory evaluated with its own eval batch size repeats its training's dev logits bit for bit.
+    A model trained in fp16, which needs a GPU, infers in fp16 on a GPU and in fp32 on the CPU.
+    In bf16 the linears are held as training held or autocast cast them (:func:`cast_linears_bf16`),
+    so an unmerged run directory evaluated with its own eval batch size repeats its training's dev
+    logits bit for bit.
     """
     if requested not in INFERENCE_PRECISIONS:
         raise LorafitError(f"--precision: expected one of {', '.join(INFERENCE_PRECISIONS)}, got {requested!r}")
+    device = device or torch.device("cpu")
     if requested == "trained":
+        if trained_in == "fp16" and device.type == "cuda":
+            return "fp16"
         return "bf16" if trained_in == "bf16" else "fp32"
-    return resolve_precision(requested, torch.device("cpu"))
+    return resolve_precision(requested, device)
 
 
 def _task_from_metadata(meta: dict[str, Any]) -> TaskSpec | None:
@@ -104,7 +111,7 @@ def _load_lora(base: str, adapter: Path, meta: dict[str, Any], trust_remote_code
 
 
 def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool = True,
-                 precision: str = "fp32") -> Trained:
+                 precision: str = "fp32", device: str = "cpu") -> Trained:
     """Load whatever ``path`` holds, ready for inference (eval mode).
 
     With ``merge`` the LoRA layers are merged and unloaded: the model is a plain Transformers
@@ -112,9 +119,11 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
     ``precision`` is resolved by :func:`inference_precision` into ``Trained.precision``; in bf16
     the linear layers are stored in bf16 (:func:`cast_linears_bf16`), so the model must run under
     ``trained.autocast()``. The commands pass ``trained``; a caller of this function gets fp32
-    unless it asks.
+    unless it asks. ``device`` is ``cpu``, ``cuda`` or ``auto`` (a GPU when there is one), as
+    ``lorafit train --device`` takes it; the commands pass ``auto``, a caller gets the CPU.
     """
     path = Path(path)
+    where = resolve_device(device)
     if not path.exists():
         raise LorafitError(f"{path}: not found (expected a run, adapter or model directory)")
     if RunDir(path).is_run_dir():
@@ -146,7 +155,8 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
                           trained_in=meta.get("precision"))
     else:
         raise LorafitError(f"{path}: not a run directory (config.yaml), adapter (adapter_config.json) or model (config.json)")
-    trained.precision = inference_precision(precision, trained.trained_in)
+    trained.device = where
+    trained.precision = inference_precision(precision, trained.trained_in, where)
     if merge:
         trained.model = merge_and_unload(trained.model)
     trained.model.eval()
@@ -154,6 +164,7 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
         # DoRA's base weight as the run held it (lorafit's adapters without a run: the default, bf16).
         cfg = trained.config
         cast_linears_bf16(trained.model, dora_base=cfg is None or resolve_frozen_bf16(cfg.frozen_bf16, cfg.precision, cfg.method))
+    trained.model.to(where)
     return trained
 
 
@@ -193,12 +204,12 @@ def _load_plain(path: Path, trust_remote_code: bool) -> tuple[nn.Module, Any, di
 
 def evaluate_trained(path: str | Path, task: str | None = None, data_dir: str | None = None, merged: bool = True,
                      batch_size: int | None = None, max_eval_samples: int | None = None,
-                     precision: str = "trained") -> dict[str, float]:
+                     precision: str = "trained", device: str = "cpu") -> dict[str, float]:
     """The dev metrics of a trained model; ``batch_size`` defaults to a run's own eval batch size
     (the batches' widths change the bits of bf16 products), else 64."""
     from lorafit.metrics import compute_metrics
 
-    trained = load_trained(path, merge=merged, precision=precision)
+    trained = load_trained(path, merge=merged, precision=precision, device=device)
     spec = get_task(task) if task else trained.task
     if spec is None:
         raise LorafitError(f"{path}: no task recorded; pass --task")

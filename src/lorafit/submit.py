@@ -21,7 +21,7 @@ import numpy as np
 from lorafit.data import TaskSpec, encode_split
 from lorafit.data.unlabeled import glue_test_splits, load_test_split
 from lorafit.errors import LorafitError
-from lorafit.flags import add_precision_argument
+from lorafit.flags import add_inference_arguments
 from lorafit.io import atomic_write_bytes
 
 __all__ = [
@@ -118,11 +118,12 @@ def predict_test(trained, data_dir: str | Path | None = None, batch_size: int = 
 
 
 def write_test_predictions(path: str | Path, output: str | Path, data_dir: str | Path | None = None,
-                           batch_size: int = 64, overwrite: bool = False, precision: str = "trained") -> list[Path]:
+                           batch_size: int = 64, overwrite: bool = False, precision: str = "trained",
+                           device: str = "cpu") -> list[Path]:
     """``lorafit predict RUN --split test --output DIR``: the task's submission file(s) in DIR."""
     from lorafit.inference import load_trained
 
-    trained = load_trained(path, precision=precision)
+    trained = load_trained(path, precision=precision, device=device)
     task = _glue_task(trained.task, str(path))
     output = Path(output)
     targets = [output / SUBMISSION_FILES[(task.name, s)] for s in glue_test_splits(task)]
@@ -137,10 +138,10 @@ def write_test_predictions(path: str | Path, output: str | Path, data_dir: str |
 
 
 def build_submission(paths: list[str | Path], output: str | Path, data_dir: str | Path | None = None,
-                     batch_size: int = 64, overwrite: bool = False,
-                     precision: str = "trained") -> tuple[list[str], list[str]]:
+                     batch_size: int = 64, overwrite: bool = False, precision: str = "trained",
+                     device: str = "cpu") -> tuple[list[str], list[str]]:
     """Predict the test set(s) of each trained model and zip them as the GLUE server takes them,
-    each in ``precision`` (:func:`lorafit.inference.inference_precision`).
+    each in ``precision`` (:func:`lorafit.inference.inference_precision`) on ``device``.
 
     Returns:
         The file names in the zip, and the names of the server's files that are missing.
@@ -159,7 +160,7 @@ def build_submission(paths: list[str | Path], output: str | Path, data_dir: str 
     files: dict[str, bytes] = {}
     owner: dict[str, str] = {}
     for path in paths:
-        trained = load_trained(path, precision=precision)
+        trained = load_trained(path, precision=precision, device=device)
         task = _glue_task(trained.task, str(path))
         if task.name in owner:
             raise LorafitError(f"submit: {owner[task.name]} and {path} are both {task.name} models; "
@@ -196,13 +197,13 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="GLUE-layout folder with the test files of tasks that are not "
                         "vendored (MNLI, QNLI, QQP)")
     parser.add_argument("--batch-size", type=int, default=64)
-    add_precision_argument(parser)
+    add_inference_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing zip")
 
 
 def run_submit_cli(args: argparse.Namespace) -> int:
     names, missing = build_submission(args.paths, args.output, args.data_dir, args.batch_size, args.overwrite,
-                                      args.precision)
+                                      args.precision, args.device)
     print(f"{args.output}: {', '.join(names)}")
     if missing:
         print(f"missing (the GLUE server expects all {len(ALL_SUBMISSION_FILES)} files): {', '.join(missing)}")
