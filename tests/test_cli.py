@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -293,3 +295,14 @@ def test_recipes_lists_model_task_and_source(capsys):
     assert "measured: accuracy 88.1" in rows["minilm/full/sst2"]
     assert main(["recipes", "--names"]) == 0
     assert capsys.readouterr().out.splitlines() == list_recipes()
+
+
+def test_the_parser_and_predict_import_nothing_they_do_not_use():
+    # torch takes about 1.2 s to import and scipy + scikit-learn 1.2 s more: `lorafit --help` and a
+    # refused flag need neither, and `predict` computes no metric.
+    probe = ("import sys, lorafit.cli; lorafit.cli.build_parser(); heavy = ('torch', 'scipy', 'sklearn', 'transformers'); "
+             "print(sorted(m for m in heavy if m in sys.modules)); import lorafit.inference; "
+             "print(sorted(m for m in heavy if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True, timeout=120)
+    assert done.stdout.splitlines() == ["[]", "['torch']"]

@@ -220,9 +220,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from lorafit.config import TrainConfig
-    from lorafit.flags import add_inference_arguments
+    from lorafit.flags import add_inference_arguments, add_submit_arguments
     from lorafit.report.make import add_report_arguments
-    from lorafit.submit import add_submit_arguments
     from lorafit.sweep.cli import add_sweep_arguments
 
     parser = _Parser(prog="lorafit", description="LoRA fine-tuning of encoder models on GLUE.")

@@ -89,3 +89,16 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                              "'fp32' or 'bf16' (autocast)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the model runs: auto (default: a GPU when there is one), cpu or cuda")
+
+
+def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``lorafit submit`` (:func:`lorafit.submit.run_submit_cli`)."""
+    parser.add_argument("paths", nargs="+", metavar="RUN", help="run, adapter or merged model directories, "
+                        "one per GLUE task")
+    parser.add_argument("--output", default="glue_submission.zip", help="the zip to write "
+                        "(default: glue_submission.zip)")
+    parser.add_argument("--data-dir", help="GLUE-layout folder with the test files of tasks that are not "
+                        "vendored (MNLI, QNLI, QQP)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    add_inference_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing zip")

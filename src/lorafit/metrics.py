@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from lorafit.data.tasks import TaskSpec
 
@@ -64,6 +62,11 @@ def _correlation(fn, preds: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _metric(name: str, task: TaskSpec, preds: np.ndarray, labels: np.ndarray) -> float:
+    # Imported here, not with the module: scipy.stats and sklearn.metrics take about 1.2 s to
+    # import, which every command that imports this module (predict, the parser) would pay.
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     if name == "accuracy":
         return float(accuracy_score(labels, preds))
     if name == "f1":

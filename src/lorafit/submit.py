@@ -21,7 +21,6 @@ import numpy as np
 from lorafit.data import TaskSpec, encode_split
 from lorafit.data.unlabeled import glue_test_splits, load_test_split
 from lorafit.errors import LorafitError
-from lorafit.flags import add_inference_arguments
 from lorafit.io import atomic_write_bytes
 
 __all__ = [
@@ -187,18 +186,6 @@ def _zip(files: dict[str, bytes]) -> bytes:
 
 
 # -- command line -----------------------------------------------------------------------------
-
-
-def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="RUN", help="run, adapter or merged model directories, "
-                        "one per GLUE task")
-    parser.add_argument("--output", default="glue_submission.zip", help="the zip to write "
-                        "(default: glue_submission.zip)")
-    parser.add_argument("--data-dir", help="GLUE-layout folder with the test files of tasks that are not "
-                        "vendored (MNLI, QNLI, QQP)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    add_inference_arguments(parser)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing zip")
 
 
 def run_submit_cli(args: argparse.Namespace) -> int:

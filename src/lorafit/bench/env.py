@@ -13,8 +13,6 @@ import sys
 from importlib import metadata
 from typing import Any
 
-import torch
-
 from lorafit.allocator import active as active_allocator
 
 # CPU flags (as /proc/cpuinfo spells them) that decide how fast bf16 matmuls can run.
@@ -77,6 +75,8 @@ def versions() -> dict[str, str | None]:
 
 def environment(device: str = "cpu") -> dict[str, Any]:
     """The record stored with every figure: hardware, threads and versions."""
+    import torch  # here, not at the top: `lorafit --help` builds the bench's parser from this package
+
     model, _ = _cpuinfo()
     info: dict[str, Any] = {
         "device": device,
