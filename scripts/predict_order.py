@@ -26,7 +26,8 @@ import torch
 from lorafit.bench.env import environment
 from lorafit.data import collate, get_task, load_split
 from lorafit.evaluation import predict_logits
-from lorafit.inference import encode_inputs, load_trained, read_inputs
+from lorafit.inference import load_trained
+from lorafit.predict import encode_inputs, read_inputs
 
 
 def _input_order(model: torch.nn.Module, data, batch_size: int, pad: int, autocast) -> np.ndarray:

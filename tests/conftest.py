@@ -18,6 +18,10 @@ TINY_RUN = {"task": "rte", "max_train_samples": 48, "max_eval_samples": 24, "bat
 # Sweep cells that take about a second each: 16 MRPC examples in batches of 8 (2 steps an epoch), 3 steps.
 TINY_CELL = {"max_steps": 3, "max_train_samples": 16, "batch_size": 8, "max_eval_samples": 16, "max_length": 32,
              "num_threads": 1, "progress": False}
+# Two steps of STS-B on the embedded model, for inference tests: a regression metric (Pearson) moves
+# with any change in the logits' bits, where accuracy over a few examples would not.
+STSB_RUN = {"task": "stsb", "max_train_samples": 32, "max_eval_samples": 16, "batch_size": 8, "eval_batch_size": 16,
+            "max_length": 48, "progress": False, "num_threads": 1, "max_steps": 2, "eval_steps": 2}
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +75,22 @@ def tiny_run(tmp_path: Path) -> Callable[..., Any]:
         return make_config(**{**TINY_RUN, "output_dir": str(tmp_path / name), **changes})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def stsb_run() -> dict[str, Any]:
+    """TrainConfig settings of a two-step STS-B run on the embedded model (copy before changing)."""
+    return dict(STSB_RUN)
+
+
+@pytest.fixture(scope="session")
+def bf16_run(tmp_path_factory, stsb_run) -> tuple[Path, dict[str, Any]]:
+    """That run trained in bf16 (its directory, its summary), for tests that only read it."""
+    from lorafit.config import make_config
+    from lorafit.train import train
+
+    run = tmp_path_factory.mktemp("inference") / "run"
+    return run, train(make_config(**stsb_run, precision="bf16", output_dir=str(run)))
 
 
 @pytest.fixture(scope="session")

@@ -299,9 +299,9 @@ def test_recipes_lists_model_task_and_source(capsys):
 
 def test_the_parser_and_predict_import_nothing_they_do_not_use():
     # torch takes about 1.2 s to import and scipy + scikit-learn 1.2 s more: `lorafit --help` and a
-    # refused flag need neither, and `predict` computes no metric.
+    # refused flag need neither, and `predict` (lorafit.predict, lorafit.inference) computes no metric.
     probe = ("import sys, lorafit.cli; lorafit.cli.build_parser(); heavy = ('torch', 'scipy', 'sklearn', 'transformers'); "
-             "print(sorted(m for m in heavy if m in sys.modules)); import lorafit.inference; "
+             "print(sorted(m for m in heavy if m in sys.modules)); import lorafit.predict; "
              "print(sorted(m for m in heavy if m in sys.modules))")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True, timeout=120)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,26 +15,11 @@ from lorafit.config import make_config
 from lorafit.errors import LorafitError
 from lorafit.inference import (
     TASK_FILE,
-    check_pairs,
     evaluate_trained,
     export_merged,
     inference_precision,
     load_trained,
 )
-
-# STS-B: a regression metric (Pearson) moves with any change in the logits' bits, where accuracy
-# over a few examples would not.
-SMALL = {"task": "stsb", "max_train_samples": 32, "max_eval_samples": 16, "batch_size": 8, "eval_batch_size": 16,
-         "max_length": 48, "progress": False, "num_threads": 1, "max_steps": 2, "eval_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def bf16_run(tmp_path_factory):
-    from lorafit.train import train
-
-    run = tmp_path_factory.mktemp("inference") / "run"
-    summary = train(make_config(**SMALL, precision="bf16", output_dir=str(run)))
-    return run, summary
 
 
 def test_trained_precision_is_recorded_beside_the_adapter_and_the_merged_model(bf16_run, tmp_path):
@@ -58,20 +42,6 @@ def test_eval_in_the_trained_precision_repeats_the_training_metric_exactly(bf16_
     in_fp32 = evaluate_trained(run, merged=False, max_eval_samples=16, precision="fp32")
     assert in_fp32["pearson"] != summary["best_metrics"]["pearson"]  # what eval reported before
     assert in_fp32["pearson"] == pytest.approx(summary["best_metrics"]["pearson"], abs=0.02)
-
-
-def test_examples_must_be_the_kind_the_task_trained_on():
-    from lorafit.data import get_task
-
-    assert check_pairs(get_task("mrpc"), [("a", "b"), ("c", "d")]) is True
-    assert check_pairs(get_task("sst2"), [("a", None)]) is False
-    assert check_pairs(None, [("a", "b")]) is True  # a model without a recorded task takes either
-    with pytest.raises(LorafitError, match=r"^predict: sst2 classifies single sentences \(sentence\), got sentence pairs"):
-        check_pairs(get_task("sst2"), [("a", "b")])
-    with pytest.raises(LorafitError, match=r"^predict: rte is a sentence-pair task \(sentence1, sentence2\), got single"):
-        check_pairs(get_task("rte"), [("a", None)])
-    with pytest.raises(LorafitError, match=r"none is \(example 3 differs from example 1\)"):
-        check_pairs(None, [("a", "b"), ("c", "d"), ("e", None)])
 
 
 def test_inference_precision_resolves_each_choice(monkeypatch):
@@ -112,7 +82,7 @@ def test_cli_runs_the_model_where_device_says(bf16_run, one_thread, capsys):
 
 @pytest.mark.gpu
 def test_a_gpu_evaluates_and_predicts_as_the_cpu_does(bf16_run, one_thread):
-    from lorafit.inference import predict_texts
+    from lorafit.predict import predict_texts
 
     run, _ = bf16_run
     on_cpu = evaluate_trained(run, max_eval_samples=16, precision="fp32")
@@ -158,52 +128,14 @@ def test_bf16_inference_stores_the_linears_in_bf16_and_gets_autocasts_outputs(bf
         assert torch.equal(ours, autocast_alone)
 
 
-def test_predict_runs_longest_first_and_answers_in_input_order(bf16_run, one_thread):
-    from lorafit.data import encode_split, load_split
-    from lorafit.evaluation import predict_logits
-    from lorafit.inference import predict_texts
-
-    run, _ = bf16_run
-    trained = load_trained(run, merge=False, precision="trained")
-    dev = load_split(trained.task, "validation", None)
-    pairs = list(zip(dev.text_a[:24], dev.text_b[:24]))
-    encoded = encode_split(dev, trained.tokenizer, trained.max_length).select(np.arange(24))
-    widths = []
-    hook = trained.model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape),
-                                                   with_kwargs=True)
-    records = predict_texts(trained, pairs, batch_size=8)
-    hook.remove()
-    assert [(r["text"], r["text_pair"]) for r in records] == pairs
-    # Longest first, so each batch pads little; in input order these 24 would cost more tokens.
-    longest_first = sorted(encoded.lengths.tolist(), reverse=True)
-    assert widths == [(8, longest_first[i]) for i in (0, 8, 16)]
-    input_order = sum(8 * max(encoded.lengths[i : i + 8]) for i in (0, 8, 16))
-    assert sum(b * w for b, w in widths) < input_order
-    # The logits `lorafit eval` computes for these examples at this batch size, in input order.
-    logits = predict_logits(trained.model, encoded, 8, trained.tokenizer.pad_token_id, trained.autocast)
-    assert [r["score"] for r in records] == [round(float(x), 6) for x in logits[:, 0]]
-    alone = [predict_texts(trained, [pair], batch_size=1)[0]["score"] for pair in pairs[:6]]
-    assert alone == pytest.approx([r["score"] for r in records[:6]], abs=0.05)
-
-
-def test_predict_needs_no_recorded_task(bf16_run, tmp_path, one_thread):
-    from lorafit.inference import predict_texts
-
-    run, _ = bf16_run
-    trained = load_trained(run, precision="fp32")
-    trained.task = None  # as for a PEFT adapter or a plain model folder
-    records = predict_texts(trained, [("a man plays", "a man is playing"), ("dogs", "two cats sleep")], batch_size=2)
-    assert [set(r) for r in records] == [{"text", "text_pair", "score"}] * 2
-    assert len({r["score"] for r in records}) == 2
-
-
 @pytest.mark.parametrize("frozen_bf16", [True, False])
-def test_a_dora_run_holds_its_base_weights_as_it_trained_and_repeats_its_metric(tmp_path, one_thread, frozen_bf16):
+def test_a_dora_run_holds_its_base_weights_as_it_trained_and_repeats_its_metric(tmp_path, one_thread, stsb_run,
+                                                                                   frozen_bf16):
     from lorafit.lora import LoRALinear
     from lorafit.train import train
 
     # DoRA reads its base weight outside autocast (the column norm): it must be held as it trained.
-    summary = train(make_config(**SMALL, precision="bf16", use_dora=True, frozen_bf16=frozen_bf16,
+    summary = train(make_config(**stsb_run, precision="bf16", use_dora=True, frozen_bf16=frozen_bf16,
                                 output_dir=str(tmp_path / "run")))
     held = load_trained(tmp_path / "run", merge=False, precision="trained")
     layers = [m for m in held.model.modules() if isinstance(m, LoRALinear)]

@@ -118,7 +118,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from lorafit.inference import load_trained, predict_texts, read_inputs
+    from lorafit.inference import load_trained
+    from lorafit.predict import predict_texts, read_inputs
 
     if args.split:
         return _predict_split(args)
