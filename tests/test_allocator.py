@@ -119,6 +119,48 @@ def test_a_sweep_starts_itself_again_so_its_cells_run_on_tcmalloc(tmp_path):
     assert {json.loads(p.read_text())["speed"]["allocator"] for p in summaries} == {"tcmalloc"}
 
 
+def test_a_runs_device_is_known_without_torch_where_its_build_says(monkeypatch):
+    import torch
+
+    assert allocator.run_device_type("cpu") == "cpu" and allocator.run_device_type("cuda") == "cuda"
+    monkeypatch.setattr(allocator.metadata, "version", lambda name: "2.13.0+cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # never asked: a CPU build has no CUDA
+    assert allocator.run_device_type("auto") == "cpu"
+    monkeypatch.setattr(allocator.metadata, "version", lambda name: "2.13.0")  # any other build is asked
+    assert allocator.run_device_type("auto") == "cuda"
+
+
+# The command's first process, up to the moment it would start again (its exec replaced by a print).
+_UNTIL_EXEC = """
+import os, sys
+from lorafit.cli import main
+
+def instead_of_exec(path, argv, env):
+    print("torch" in sys.modules, env["LD_PRELOAD"].split(os.pathsep)[0].rsplit("/", 1)[-1].split(".so")[0])
+    sys.exit(0)
+
+os.execve = instead_of_exec
+sys.argv = ["lorafit", *sys.argv[1:]]
+main()
+"""
+
+
+@needs_tcmalloc
+@pytest.mark.parametrize("command", [["train", *SMALL], ["sweep", *SMALL, "--ranks", "2,4"]])
+def test_the_command_starts_again_before_it_imports_torch(tmp_path, command):
+    from importlib import metadata
+
+    proc = subprocess.run([sys.executable, "-c", _UNTIL_EXEC, *command, "--output-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=_clean_env(), check=False, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    imported, preloaded = proc.stdout.split()
+    assert preloaded == "libtcmalloc_minimal"
+    # The new process imports torch again: the first one spends about 1.2 s on it only where it
+    # must ask a CUDA build whether there is a GPU.
+    assert imported == str(not metadata.version("torch").endswith("+cpu"))
+    assert not (tmp_path / "out").exists()  # nothing done before starting again
+
+
 def test_the_command_names_a_missing_allocator_in_one_line_with_exit_2(tmp_path, monkeypatch, capsys):
     from lorafit.cli import main
 

@@ -24,6 +24,7 @@ import ctypes.util
 import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 from lorafit.errors import LorafitError
@@ -99,6 +100,25 @@ def relaunch(allocator: str, argv: Sequence[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "lorafit", *argv], env)
+
+
+def run_device_type(requested: str) -> str:
+    """``cpu`` or ``cuda``: where a run of ``--device requested`` (``auto``, ``cpu``, ``cuda``) goes.
+
+    The command asks before it starts itself again, and so before it imports torch, which takes
+    about 1.2 s that the new process would spend again. A CPU build of torch says so in its
+    version (``2.13.0+cpu``) and has no CUDA; any other build is asked.
+    """
+    if requested in ("cpu", "cuda"):
+        return requested
+    try:
+        if metadata.version("torch").endswith("+cpu"):
+            return "cpu"
+    except metadata.PackageNotFoundError:
+        pass
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def relaunch_as_asked(requested: str, device_type: str) -> None:

@@ -79,15 +79,13 @@ def train_seeds(cfg: TrainConfig) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lorafit.config import TrainConfig, make_config
-    from lorafit.distributed import is_main_process
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    cfg = make_config(args.recipe, **overrides)
     if args.process_entry:
-        from lorafit.allocator import relaunch_as_asked
-        from lorafit.fastpath import resolve_device
+        _start_again_on_the_allocator(args.recipe, overrides)
+    from lorafit.distributed import is_main_process
 
-        relaunch_as_asked(cfg.allocator, resolve_device(cfg.device).type)
+    cfg = make_config(args.recipe, **overrides)
     summary = train_seeds(cfg)
     if not is_main_process():  # under torchrun / accelerate launch, one process reports
         return 0
@@ -105,6 +103,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved = run / ("adapter" if cfg.method == "lora" else "model")
     print(f"{'adapter' if cfg.method == 'lora' else 'model'} saved to {saved}")
     return 0
+
+
+def _start_again_on_the_allocator(recipe: str | None, overrides: dict[str, Any]) -> None:
+    """Start ``lorafit train`` again on the allocator its settings ask for (``--allocator``).
+
+    Before the config is built: its checks import torch, which the new process would import
+    again. A value the checks would refuse is left to them, so that the message names the field.
+    """
+    from lorafit.allocator import LIBRARIES, relaunch_as_asked, run_device_type
+    from lorafit.config import TrainConfig, load_recipe
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    asked = {**defaults, **(load_recipe(recipe) if recipe else {}), **overrides}
+    if asked["allocator"] in ("auto", "system", *LIBRARIES) and asked["device"] in ("auto", "cpu", "cuda"):
+        relaunch_as_asked(asked["allocator"], run_device_type(asked["device"]))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -187,11 +200,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from lorafit.distributed import refuse_launched
     from lorafit.sweep.cli import run_sweep_cli
 
-    refuse_launched("sweep", "run it directly (its cells train one after another); to spread one cell over "
-                    "several processes, launch `lorafit train` with that cell's settings")
     return run_sweep_cli(args)
 
 

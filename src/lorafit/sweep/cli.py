@@ -155,10 +155,13 @@ def run_sweep_cli(args: argparse.Namespace) -> int:
 
     grid = grid_from_args(args)
     if args.process_entry:  # every cell runs in this process or in workers it starts
-        from lorafit.allocator import relaunch_as_asked
-        from lorafit.fastpath import resolve_device
+        from lorafit.allocator import relaunch_as_asked, run_device_type
 
-        relaunch_as_asked(grid.base.get("allocator", "auto"), resolve_device(grid.base.get("device", "auto")).type)
+        relaunch_as_asked(grid.base.get("allocator", "auto"), run_device_type(grid.base.get("device", "auto")))
+    from lorafit.distributed import refuse_launched  # after starting again: it imports torch
+
+    refuse_launched("sweep", "run it directly (its cells train one after another); to spread one cell over "
+                    "several processes, launch `lorafit train` with that cell's settings")
     try:
         run_sweep(grid, overwrite=args.overwrite, jobs=args.jobs)
     except KeyboardInterrupt:
