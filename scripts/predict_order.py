@@ -24,17 +24,22 @@ import numpy as np
 import torch
 
 from lorafit.bench.env import environment
-from lorafit.data import collate, get_task, load_split
+from lorafit.data import collate, eval_order, get_task, load_split
 from lorafit.evaluation import predict_logits
 from lorafit.inference import load_trained
 from lorafit.predict import encode_inputs, read_inputs
 
 
+def _in_order(n: int, batch_size: int) -> list[np.ndarray]:
+    """Batches of consecutive examples, in the input's order (how ``predict`` batched before)."""
+    return [np.arange(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+
+
 def _input_order(model: torch.nn.Module, data, batch_size: int, pad: int, autocast) -> np.ndarray:
-    """The logits of batches taken in the input's order (how ``predict`` batched before)."""
+    """The logits of the batches of :func:`_in_order`."""
     out = []
-    for start in range(0, len(data), batch_size):
-        batch = collate(data, np.arange(start, min(start + batch_size, len(data))), pad)
+    for indices in _in_order(len(data), batch_size):
+        batch = collate(data, indices, pad)
         batch.pop("labels")
         with torch.inference_mode(), autocast():
             out.append(model(**batch).logits.float().numpy())
@@ -75,15 +80,12 @@ def main() -> None:
                 orders[name]()
                 times[name].append(time.perf_counter() - t0)
     lengths = data.lengths
-    chunks = [lengths[i : i + args.batch_size] for i in range(0, len(lengths), args.batch_size)]
-    ranked = np.sort(lengths)[::-1]
-    ranked_chunks = [ranked[i : i + args.batch_size] for i in range(0, len(ranked), args.batch_size)]
+    batches = {"longest_first": eval_order(lengths, args.batch_size), "input_order": _in_order(len(data), args.batch_size)}
     result = {
         "input": label, "examples": len(data), "batch_size": args.batch_size,
         "precision": trained.precision, "threads": args.threads, "rounds": args.rounds,
         "real_tokens": int(lengths.sum()),
-        "padded_tokens": {"longest_first": int(sum(c.max() * len(c) for c in ranked_chunks)),
-                          "input_order": int(sum(c.max() * len(c) for c in chunks))},
+        "padded_tokens": {name: int(sum(lengths[b].max() * len(b) for b in bs)) for name, bs in batches.items()},
         "seconds": {name: ts for name, ts in times.items()},
         "median_seconds": {name: statistics.median(ts) for name, ts in times.items()},
         "labels_agree": int((logits["longest_first"].argmax(-1) == logits["input_order"].argmax(-1)).sum()),
