@@ -77,6 +77,25 @@ def tiny_run(tmp_path: Path) -> Callable[..., Any]:
     return make
 
 
+def _cpu_with(monkeypatch: pytest.MonkeyPatch, *flags: str) -> None:
+    from lorafit.bench import env
+
+    monkeypatch.setattr(env, "cpu_flags", lambda: {f: f in flags for f in env.MATRIX_FLAGS})
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This CPU taken for one that multiplies bf16 in hardware (AMX), whatever it is: lorafit's
+    choices there do not depend on the machine the tests run on (its products are slower here)."""
+    _cpu_with(monkeypatch, "amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
+
+
+@pytest.fixture
+def avx2_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This CPU taken for one that only emulates bf16 (AVX2, as the AMD EPYC 7003 machines)."""
+    _cpu_with(monkeypatch, "avx2")
+
+
 @pytest.fixture(scope="session")
 def stsb_run() -> dict[str, Any]:
     """TrainConfig settings of a two-step STS-B run on the embedded model (copy before changing)."""

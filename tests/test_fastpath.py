@@ -13,7 +13,7 @@ import torch
 from lorafit import fastpath
 from lorafit.config import make_config
 from lorafit.data.batching import collate
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, LorafitWarning
 from lorafit.lora import LoRAConfig, inject_lora
 
 
@@ -167,6 +167,33 @@ def test_embedded_model_can_come_from_a_carried_fp16_copy(tmp_path, monkeypatch)
 
 SMALL = {"task": "rte", "max_train_samples": 32, "max_eval_samples": 16, "batch_size": 8, "eval_batch_size": 16,
          "max_length": 48, "progress": False, "num_threads": 1, "max_steps": 2, "eval_steps": 2}
+
+
+def test_training_warns_where_bf16_would_be_emulated(tiny_run, tiny_model_dir, interrupt_after, avx2_cpu, monkeypatch,
+                                                    capsys):
+    """An AVX2-only CPU runs bf16 products 60-120x slower than fp32: say so once, by what asked for bf16."""
+    import warnings
+
+    from lorafit.bench import env
+    from lorafit.cli import main
+    from lorafit.train import train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LorafitWarning)  # auto picks fp32 here: nothing to warn about
+        assert train(tiny_run("auto", model=str(tiny_model_dir), max_steps=1))["precision"] == "fp32"
+    common = {"model": str(tiny_model_dir), "max_steps": 4, "save_steps": 2, "eval_steps": 4}
+    args = ["train", "--model", str(tiny_model_dir), "--task", "rte", "--max-train-samples", "32", "--max-eval-samples", "8",
+            "--max-steps", "1", "--no-progress", "--allocator", "system", "--precision", "bf16"]
+    assert main([*args, "--output-dir", str(tiny_run("cli").output_dir)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("lorafit: warning: --precision bf16: bf16 on this CPU (it has neither AMX nor AVX-512 "
+                          "BF16) is emulated") and err.count("\n") == 1
+    with monkeypatch.context() as amx:  # a run started in bf16 on a machine with AMX, resumed here
+        amx.setattr(env, "cpu_flags", lambda: {f: f == "amx_bf16" for f in env.MATRIX_FLAGS})
+        with interrupt_after(2), pytest.raises(KeyboardInterrupt):
+            train(tiny_run("moved", **common))
+    with pytest.warns(LorafitWarning, match=r"^the run resumes in bf16, as it started: bf16 on this CPU"):
+        assert train(tiny_run("moved", resume=True, **common))["precision"] == "bf16"
 
 
 def test_bf16_lora_run_keeps_the_adapter_fp32_and_records_its_speed_settings(tmp_path):

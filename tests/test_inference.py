@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lorafit.config import make_config
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, LorafitWarning
 from lorafit.inference import (
     TASK_FILE,
     evaluate_trained,
@@ -22,7 +22,7 @@ from lorafit.inference import (
 )
 
 
-def test_trained_precision_is_recorded_beside_the_adapter_and_the_merged_model(bf16_run, tmp_path):
+def test_trained_precision_is_recorded_beside_the_adapter_and_the_merged_model(bf16_run, tmp_path, bf16_cpu):
     run, _ = bf16_run
     assert json.loads((run / "adapter" / "lorafit_adapter.json").read_text())["precision"] == "bf16"
     assert load_trained(run, precision="trained").precision == "bf16"
@@ -35,7 +35,7 @@ def test_trained_precision_is_recorded_beside_the_adapter_and_the_merged_model(b
     assert load_trained(merged, precision="trained").precision == "bf16"
 
 
-def test_eval_in_the_trained_precision_repeats_the_training_metric_exactly(bf16_run, one_thread):
+def test_eval_in_the_trained_precision_repeats_the_training_metric_exactly(bf16_run, one_thread, bf16_cpu):
     run, summary = bf16_run  # it trained and evaluated on one thread too
     again = evaluate_trained(run, merged=False, max_eval_samples=16)
     assert again == summary["best_metrics"]
@@ -44,7 +44,7 @@ def test_eval_in_the_trained_precision_repeats_the_training_metric_exactly(bf16_
     assert in_fp32["pearson"] == pytest.approx(summary["best_metrics"]["pearson"], abs=0.02)
 
 
-def test_inference_precision_resolves_each_choice(monkeypatch):
+def test_inference_precision_resolves_each_choice(monkeypatch, bf16_cpu):
     from lorafit.bench import env
 
     assert inference_precision("trained", "bf16") == "bf16"
@@ -60,11 +60,37 @@ def test_inference_precision_resolves_each_choice(monkeypatch):
         inference_precision("fp16", None)
     # On a GPU an fp16 run infers in fp16, as it trained; the CPU has no fast fp16 products.
     gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100, an H100
     assert inference_precision("trained", "fp16", gpu) == "fp16"
     assert inference_precision("trained", "bf16", gpu) == "bf16" and inference_precision("trained", None, gpu) == "fp32"
+    # A V100 or a T4 only emulates bf16: a bf16 run infers in fp32 there, as on a CPU without bf16.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    with pytest.warns(LorafitWarning, match="trained in bf16, which this device only emulates"):
+        assert inference_precision("trained", "bf16", gpu) == "fp32"
+    assert inference_precision("auto", None, gpu) == "fp32"
 
 
-def test_cli_runs_the_model_where_device_says(bf16_run, one_thread, capsys):
+def test_a_bf16_run_infers_in_fp32_where_the_cpu_only_emulates_bf16(bf16_run, one_thread, avx2_cpu, capsys):
+    """bf16 products run 60-120x slower than fp32 on an AVX2-only CPU: `trained` must not pick them there."""
+    from lorafit.cli import main
+
+    run, _ = bf16_run
+    with pytest.warns(LorafitWarning, match=r"trained in bf16, which this device only emulates .* runs in fp32"):
+        trained = load_trained(run, precision="trained")
+    assert trained.precision == "fp32"
+    assert {p.dtype for p in trained.model.parameters()} == {torch.float32}
+    in_fp32 = evaluate_trained(run, merged=False, max_eval_samples=16, precision="fp32")
+    assert main(["eval", str(run), "--unmerged", "--max-eval-samples", "16"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == in_fp32
+    assert out.err.startswith("lorafit: warning: the model trained in bf16, which this device only emulates")
+    assert out.err.count("\n") == 1 and "Warning" not in out.err  # one line, no Python warning format
+    # Asked for by name, bf16 runs, and the warning names the flag.
+    with pytest.warns(LorafitWarning, match=r"^--precision bf16: bf16 on this CPU \(it has neither AMX nor AVX-512 BF16\)"):
+        assert load_trained(run, precision="bf16").precision == "bf16"
+
+
+def test_cli_runs_the_model_where_device_says(bf16_run, one_thread, capsys, bf16_cpu):
     from lorafit.cli import main
 
     run, summary = bf16_run
@@ -96,7 +122,7 @@ def test_a_gpu_evaluates_and_predicts_as_the_cpu_does(bf16_run, one_thread):
     assert gpu_scores == pytest.approx(cpu_scores, abs=0.05)
 
 
-def test_cli_eval_takes_the_precision_and_refuses_an_unknown_one(bf16_run, one_thread, capsys):
+def test_cli_eval_takes_the_precision_and_refuses_an_unknown_one(bf16_run, one_thread, capsys, bf16_cpu):
     from lorafit.cli import main
 
     run, summary = bf16_run
@@ -106,7 +132,7 @@ def test_cli_eval_takes_the_precision_and_refuses_an_unknown_one(bf16_run, one_t
     assert "argument --precision: invalid choice: 'fp16'" in capsys.readouterr().err
 
 
-def test_bf16_inference_stores_the_linears_in_bf16_and_gets_autocasts_outputs(bf16_run, one_thread):
+def test_bf16_inference_stores_the_linears_in_bf16_and_gets_autocasts_outputs(bf16_run, one_thread, bf16_cpu):
     from lorafit.data import collate, encode_split, load_split
     from lorafit.lora import LoRALinear
 
@@ -130,7 +156,7 @@ def test_bf16_inference_stores_the_linears_in_bf16_and_gets_autocasts_outputs(bf
 
 @pytest.mark.parametrize("frozen_bf16", [True, False])
 def test_a_dora_run_holds_its_base_weights_as_it_trained_and_repeats_its_metric(tmp_path, one_thread, stsb_run,
-                                                                                   frozen_bf16):
+                                                                                   frozen_bf16, bf16_cpu):
     from lorafit.lora import LoRALinear
     from lorafit.train import train
 

@@ -24,7 +24,7 @@ def test_examples_must_be_the_kind_the_task_trained_on():
         check_pairs(None, [("a", "b"), ("c", "d"), ("e", None)])
 
 
-def test_predict_runs_longest_first_and_answers_in_input_order(bf16_run, one_thread):
+def test_predict_runs_longest_first_and_answers_in_input_order(bf16_run, one_thread, bf16_cpu):
     from lorafit.data import encode_split, load_split
     from lorafit.evaluation import predict_logits
 

@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, show_warnings_on_one_line
 from lorafit.flags import add_dataclass_arguments
 
 if TYPE_CHECKING:
@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one ``lorafit`` command; returns the exit code (2 for bad input, with one line on stderr)."""
     argv_given, argv = argv, sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("LORAFIT_DEBUG", "") not in ("", "0")
+    show_warnings_on_one_line()
     try:
         try:
             args = build_parser().parse_args(argv)

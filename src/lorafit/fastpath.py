@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import collections
 import time
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, LorafitWarning
 
 if TYPE_CHECKING:
     from lorafit.progress import Progress
@@ -57,11 +58,33 @@ def resolve_precision(precision: str, device: torch.device, recorded: str | None
         return precision
     if recorded is not None and recorded != "auto":
         return recorded
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware, so that bf16 pays off.
+
+    On a CPU that means AMX or AVX-512 BF16. One without either (an AVX2-only EPYC, most laptops)
+    runs PyTorch's bf16 products 60-120x slower than fp32 (docs/performance.md, "A CPU without
+    bf16").
+    """
+    if device.type == "cuda":  # compute capability 8 (Ampere) and up; older ones only emulate bf16
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     from lorafit.bench.env import cpu_has_bf16_matmul
 
-    return "bf16" if cpu_has_bf16_matmul() else "fp32"
+    return cpu_has_bf16_matmul()
+
+
+def warn_if_slow_bf16(precision: str, device: torch.device, why: str) -> None:
+    """A :class:`LorafitWarning` when ``precision`` is bf16 on a device that only emulates it.
+
+    ``why`` names what asked for bf16 (a flag, a resumed run), so the user knows what to change.
+    """
+    if precision == "bf16" and not native_bf16(device):
+        where = "this GPU" if device.type == "cuda" else "this CPU (it has neither AMX nor AVX-512 BF16)"
+        warnings.warn(f"{why}: bf16 on {where} is emulated: its bf16 products run many times slower than "
+                      "fp32 (60-120x on an AVX2-only CPU); --precision fp32 or auto avoids that", LorafitWarning,
+                      stacklevel=2)
 
 
 def resolve_frozen_bf16(frozen_bf16: bool | None, precision: str, method: str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,15 @@ from torch import nn
 
 from lorafit.config import TrainConfig
 from lorafit.data import TaskSpec, encode_split, get_task, load_custom, load_split
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, LorafitWarning
 from lorafit.evaluation import predict_logits
-from lorafit.fastpath import resolve_device, resolve_frozen_bf16, resolve_precision
+from lorafit.fastpath import (
+    native_bf16,
+    resolve_device,
+    resolve_frozen_bf16,
+    resolve_precision,
+    warn_if_slow_bf16,
+)
 from lorafit.flags import INFERENCE_PRECISIONS
 from lorafit.io import atomic_dir, atomic_write_json, read_json, read_yaml_mapping
 from lorafit.lora import load_adapter, merge_and_unload, read_adapter_config, read_adapter_metadata
@@ -64,6 +71,9 @@ def inference_precision(requested: str, trained_in: str | None, device: torch.de
         device: Where the model runs.
 
     A model trained in fp16, which needs a GPU, infers in fp16 on a GPU and in fp32 on the CPU.
+    One trained in bf16 infers in fp32 where the hardware only emulates bf16 (a CPU without AMX or
+    AVX-512 BF16 runs bf16 products 60-120x slower than fp32), with a :class:`LorafitWarning`:
+    its metric may then differ from the one its training reported in the last digits.
     In bf16 the linears are held as training held or autocast cast them (:func:`cast_linears_bf16`),
     so an unmerged run directory evaluated with its own eval batch size repeats its training's dev
     logits bit for bit.
@@ -74,8 +84,15 @@ def inference_precision(requested: str, trained_in: str | None, device: torch.de
     if requested == "trained":
         if trained_in == "fp16" and device.type == "cuda":
             return "fp16"
+        if trained_in == "bf16" and not native_bf16(device):
+            warnings.warn("the model trained in bf16, which this device only emulates (many times slower than "
+                          "fp32), so it runs in fp32: metrics may differ from its training's in the last digits "
+                          "(--precision bf16 runs it in bf16 anyway)", LorafitWarning, stacklevel=2)
+            return "fp32"
         return "bf16" if trained_in == "bf16" else "fp32"
-    return resolve_precision(requested, device)
+    precision = resolve_precision(requested, device)
+    warn_if_slow_bf16(precision, device, f"--precision {requested}")
+    return precision
 
 
 def _task_from_metadata(meta: dict[str, Any]) -> TaskSpec | None:

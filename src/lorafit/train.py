@@ -67,12 +67,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     precision = fastpath.resolve_precision(cfg.precision, device, run.recorded_precision() if cfg.resume else None)
     if precision == "fp16" and device.type != "cuda":
         raise LorafitError("--precision fp16 needs a GPU; on the CPU use bf16 or fp32")
+    asked_bf16 = "--precision bf16" if cfg.precision == "bf16" else "the run resumes in bf16, as it started"
     cfg = cfg.replace(precision=precision)  # config.yaml and the summary record what "auto" became
     frozen_bf16 = fastpath.resolve_frozen_bf16(cfg.frozen_bf16, precision, cfg.method)
     buckets = fastpath.bucket_lengths(cfg.length_buckets, cfg.max_length, cfg.compile)
     check_tracker(cfg.report_to)
     accelerator = make_accelerator({"fp32": "no"}.get(precision, precision), device,
                                    **accelerator_kwargs(cfg, run.path))
+    if accelerator.is_main_process:
+        fastpath.warn_if_slow_bf16(precision, device, asked_bf16)
     # After Accelerate, which sets its own thread count for CPU processes (cores / processes). One
     # process takes every physical core: hyper-threads share a core's matrix units and only contend.
     if cfg.num_threads or accelerator.num_processes == 1:

@@ -277,3 +277,19 @@ def test_inference_lines_name_the_precision_a_plain_side_ran_in():
     assert "\nbase (lorafit@fp32) " in both and "\nmerged (lorafit@bf16) " in both
     older = format_table([_latency("lorafit", "base", 6.0, 120.0), _latency("lorafit", "merged", 6.0, 120.0)])
     assert "LoRA merged latency vs base" in older and "\nmodel " in older  # records from before the field
+
+
+def test_default_sides_run_the_trainer_in_fp32_where_the_cpu_only_emulates_bf16(avx2_cpu, capsys):
+    from lorafit.bench.cli import DEFAULT_SIDES, default_sides
+
+    # There `bf16=True` is not the Trainer's best but 60-120x slower (one MRPC run would take hours).
+    assert default_sides("cpu") == "lorafit,peft@fp32,peft@fp32+group_by_length"
+    assert "neither AMX nor AVX-512 BF16" in capsys.readouterr().err
+    assert default_sides("cuda") == DEFAULT_SIDES
+
+
+def test_default_sides_keep_bf16_where_the_cpu_multiplies_it(bf16_cpu, capsys):
+    from lorafit.bench.cli import DEFAULT_SIDES, default_sides
+
+    assert default_sides("cpu") == DEFAULT_SIDES == "lorafit,peft@fp32,peft@bf16,peft@bf16+group_by_length"
+    assert capsys.readouterr().err == ""

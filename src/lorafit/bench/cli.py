@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from lorafit.bench.spec import Side, Workload
 from lorafit.errors import LorafitError
@@ -20,15 +21,36 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _emulates_bf16(device: str) -> bool:
+    from lorafit.bench.env import cpu_has_bf16_matmul
+
+    return device == "cpu" and not cpu_has_bf16_matmul()
+
+
+def default_sides(device: str) -> str:
+    """DEFAULT_SIDES, its bf16 sides in fp32 on a CPU that only emulates bf16.
+
+    There the Trainer's ``bf16=True`` is not its best setting but 60-120x slower than fp32
+    (docs/performance.md, "A CPU without bf16"): one MRPC run would take hours.
+    """
+    if not _emulates_bf16(device):
+        return DEFAULT_SIDES
+    kept = ",".join(dict.fromkeys(s.replace("@bf16", "@fp32") for s in DEFAULT_SIDES.split(",")))
+    print(f"lorafit bench: this CPU has neither AMX nor AVX-512 BF16 (bf16 is emulated, 60-120x slower than fp32), "
+          f"so the default sides are {kept}", file=sys.stderr)
+    return kept
+
+
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     w = Workload()
     p.add_argument("mode", nargs="?", default="train", choices=("train", "infer", "memory"),
                    help="train: examples/s, tokens/s, memory and dev metric of each side; infer: latency of the "
                         "base model, LoRA unmerged and merged; memory: LoRA vs full fine-tuning (default: train)")
-    p.add_argument("--sides", default=DEFAULT_SIDES,
+    p.add_argument("--sides",
                    help="comma-separated IMPL[@PRECISION][+OPTION|-OPTION]: lorafit (its defaults), peft (HF Trainer + "
                         "PEFT), e.g. lorafit@bf16+compile, lorafit-group_by_length, peft@bf16, peft@bf16+group_by_length "
-                        "(the Trainer's own length grouping) (default: %(default)s)")
+                        f"(the Trainer's own length grouping) (default: {DEFAULT_SIDES}; in fp32 on a CPU "
+                        "without AMX or AVX-512 BF16)")
     p.add_argument("--repeats", type=int, default=3, help="alternations A B A B ... (default: %(default)s)")
     p.add_argument("--output", help="write every measurement and summary as JSON lines to this file "
                                     "(rewritten after each measurement, so a run stopped midway keeps what it measured)")
@@ -93,9 +115,13 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                         max_eval_samples=args.max_eval_samples, eval_batch_size=args.eval_batch_size,
                         rank=args.rank, alpha=args.alpha, lora_dropout=args.lora_dropout, device=args.device,
                         length_buckets=args.length_buckets)
-        sides = [Side.parse(s) for s in args.sides.split(",") if s.strip()]
+        sides = [Side.parse(s) for s in (args.sides or default_sides(args.device)).split(",") if s.strip()]
         if not sides:
             raise LorafitError("--sides: give at least one side, e.g. lorafit,peft@bf16")
+        slow = [side.label for side in sides if side.precision == "bf16"] if _emulates_bf16(args.device) else []
+        if slow:
+            print(f"lorafit: warning: --sides {','.join(slow)}: this CPU has neither AMX nor AVX-512 BF16, so bf16 "
+                  "is emulated, 60-120x slower than fp32", file=sys.stderr)
         if args.device == "cuda":
             import torch
 
