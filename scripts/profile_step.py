@@ -3,7 +3,8 @@
     PYTHONPATH=src python scripts/profile_step.py --task sst2 --batch-size 32 --out docs/performance/profile
 
 Builds the run as ``lorafit train`` does (embedded MiniLM, LoRA r=8 on query/value, dropout 0.1,
-bf16 autocast with the frozen base in bf16, fused AdamW, clipping), trains a few warm-up steps,
+the precision `lorafit train` picks
+(bf16 autocast with the frozen base in bf16 where the CPU multiplies bf16, else fp32), fused AdamW, clipping), trains a few warm-up steps,
 then profiles ``--steps`` steps of the loop's own code (``lorafit.train._accumulate``, clip,
 optimizer, scheduler, zero_grad). Writes the operator table sorted by self CPU time. Shares, not
 seconds, are what to read: on a shared machine the absolute times are noise.
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from lorafit import fastpath
 from lorafit.bench.step import training_step, typical_batches
 from lorafit.config import make_config
 from lorafit.models import load_tokenizer
@@ -92,7 +94,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--task", default="sst2")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--precision", default="bf16")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto (default): what `lorafit train` picks here, bf16 where the CPU multiplies it, else fp32")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
@@ -106,6 +109,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    args.precision = fastpath.resolve_precision(args.precision, torch.device("cpu"))
     cfg = make_config(task=args.task, batch_size=args.batch_size, precision=args.precision, lora_dropout=0.1,
                       max_train_samples=4096, progress=False, num_threads=args.threads,
                       fast_dropout=args.fast_dropout)

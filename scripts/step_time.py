@@ -4,7 +4,8 @@
         --settings plain,fast_dropout --out docs/performance/profile
 
 Builds one model per setting as ``lorafit train`` does (embedded MiniLM, LoRA r=8 on
-query/value, LoRA dropout 0.1 as in the bench, bf16 autocast with the frozen base in bf16, fused
+query/value, LoRA dropout 0.1 as in the bench, the precision `lorafit train` picks
+(bf16 autocast with the frozen base in bf16 where the CPU multiplies bf16, else fp32), fused
 AdamW, clipping), warms each up, then times rounds of ``--steps`` full steps (forward, backward,
 clip, optimizer, scheduler) on batches of the median padded width, alternating the settings
 round by round so that drift on a shared machine hits them alike. Prints the median ms a step
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from lorafit import allocator
+from lorafit import allocator, fastpath
 from lorafit.bench.env import environment
 from lorafit.bench.step import PARTS, remove_part, training_step, typical_batches
 from lorafit.config import make_config
@@ -54,6 +55,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=8, help="steps a round")
     p.add_argument("--reuse-memory", action="store_true")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto (default): what `lorafit train` picks here, bf16 where the CPU multiplies it, else fp32")
     p.add_argument("--out", help="folder for the result (<task>-b<batch>-step-time.json)")
     args = p.parse_args()
     settings = args.settings.split(",")
@@ -64,7 +67,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     reuse = args.reuse_memory and allocator.reuse_freed_memory()
-    cfg = make_config(task=args.task, batch_size=args.batch_size, precision="bf16", lora_dropout=0.1,
+    precision = fastpath.resolve_precision(args.precision, torch.device("cpu"))
+    cfg = make_config(task=args.task, batch_size=args.batch_size, precision=precision, lora_dropout=0.1,
                       max_train_samples=4096, progress=False, num_threads=args.threads)
     task = cfg.task_spec()
     data, _ = load_data(cfg, task, load_tokenizer(cfg.model))
@@ -97,7 +101,7 @@ def main() -> None:
             times[setting].append((time.perf_counter() - started) / args.steps * 1e3)
 
     first = statistics.median(times[settings[0]])
-    result = {"task": args.task, "batch_size": args.batch_size, "padded_width": width,
+    result = {"task": args.task, "batch_size": args.batch_size, "precision": precision, "padded_width": width,
               "threads": args.threads, "reuse_memory": reuse, "rounds": args.rounds, "steps_a_round": args.steps,
               "environment": environment(), "compile_seconds": compile_seconds, "ms_per_step": {}}
     for setting in settings:

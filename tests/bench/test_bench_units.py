@@ -279,17 +279,32 @@ def test_inference_lines_name_the_precision_a_plain_side_ran_in():
     assert "LoRA merged latency vs base" in older and "\nmodel " in older  # records from before the field
 
 
-def test_default_sides_run_the_trainer_in_fp32_where_the_cpu_only_emulates_bf16(avx2_cpu, capsys):
+def test_default_sides_run_the_trainer_in_fp32_where_the_cpu_only_emulates_bf16(avx2_cpu):
     from lorafit.bench.cli import DEFAULT_SIDES, default_sides
 
     # There `bf16=True` is not the Trainer's best but 60-120x slower (one MRPC run would take hours).
-    assert default_sides("cpu") == "lorafit,peft@fp32,peft@fp32+group_by_length"
-    assert "neither AMX nor AVX-512 BF16" in capsys.readouterr().err
-    assert default_sides("cuda") == DEFAULT_SIDES
+    notes = []
+    assert default_sides("cpu", notes) == "lorafit,peft@fp32,peft@fp32+group_by_length"
+    (note,) = notes
+    assert "neither AMX nor AVX-512 BF16" in note and note.endswith("lorafit,peft@fp32,peft@fp32+group_by_length")
+    assert default_sides("cuda", notes) == DEFAULT_SIDES and len(notes) == 1
 
 
-def test_default_sides_keep_bf16_where_the_cpu_multiplies_it(bf16_cpu, capsys):
+def test_default_sides_keep_bf16_where_the_cpu_multiplies_it(bf16_cpu):
     from lorafit.bench.cli import DEFAULT_SIDES, default_sides
 
-    assert default_sides("cpu") == DEFAULT_SIDES == "lorafit,peft@fp32,peft@bf16,peft@bf16+group_by_length"
-    assert capsys.readouterr().err == ""
+    notes = []
+    assert default_sides("cpu", notes) == DEFAULT_SIDES == "lorafit,peft@fp32,peft@bf16,peft@bf16+group_by_length"
+    assert notes == []
+
+
+def test_the_peak_leaves_out_bf16_where_the_cpu_only_emulates_it(avx2_cpu, tiny_model_dir, one_thread):
+    from lorafit.bench.spec import Workload
+    from lorafit.bench.worker import peak
+
+    work = Workload(task="rte", model=str(tiny_model_dir), batch_size=8, max_train_samples=16, max_length=32)
+    record = peak(work, Side("lorafit"), budget=0.01)
+    assert {p["dtype"] for p in record["peaks"]} == {"fp32"} and "model" in {p["shape"] for p in record["peaks"]}
+    assert record["not_measured"] == {"bf16": "emulated on this CPU (no AMX or AVX-512 BF16)"}
+    table = format_table([{"kind": "peak", "mode": "train", "settings": work.as_dict(), **record}])
+    assert "bf16 not measured: emulated on this CPU" in table

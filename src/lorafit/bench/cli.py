@@ -27,8 +27,8 @@ def _emulates_bf16(device: str) -> bool:
     return device == "cpu" and not cpu_has_bf16_matmul()
 
 
-def default_sides(device: str) -> str:
-    """DEFAULT_SIDES, its bf16 sides in fp32 on a CPU that only emulates bf16.
+def default_sides(device: str, notes: list[str]) -> str:
+    """DEFAULT_SIDES, its bf16 sides in fp32 on a CPU that only emulates bf16 (saying so in ``notes``).
 
     There the Trainer's ``bf16=True`` is not its best setting but 60-120x slower than fp32
     (docs/performance.md, "A CPU without bf16"): one MRPC run would take hours.
@@ -36,9 +36,15 @@ def default_sides(device: str) -> str:
     if not _emulates_bf16(device):
         return DEFAULT_SIDES
     kept = ",".join(dict.fromkeys(s.replace("@bf16", "@fp32") for s in DEFAULT_SIDES.split(",")))
-    print(f"lorafit bench: this CPU has neither AMX nor AVX-512 BF16 (bf16 is emulated, 60-120x slower than fp32), "
-          f"so the default sides are {kept}", file=sys.stderr)
+    notes.append(f"lorafit bench: this CPU has neither AMX nor AVX-512 BF16 (bf16 is emulated, 60-120x slower "
+                 f"than fp32), so the default sides are {kept}")
     return kept
+
+
+def _say(line: str, notes: list[str]) -> None:
+    while notes:
+        print(notes.pop(0), file=sys.stderr, flush=True)
+    print(line, flush=True)
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,13 +121,14 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                         max_eval_samples=args.max_eval_samples, eval_batch_size=args.eval_batch_size,
                         rank=args.rank, alpha=args.alpha, lora_dropout=args.lora_dropout, device=args.device,
                         length_buckets=args.length_buckets)
-        sides = [Side.parse(s) for s in (args.sides or default_sides(args.device)).split(",") if s.strip()]
+        notes: list[str] = []  # printed once the input is checked, before the first measurement
+        sides = [Side.parse(s) for s in (args.sides or default_sides(args.device, notes)).split(",") if s.strip()]
         if not sides:
             raise LorafitError("--sides: give at least one side, e.g. lorafit,peft@bf16")
         slow = [side.label for side in sides if side.precision == "bf16"] if _emulates_bf16(args.device) else []
         if slow:
-            print(f"lorafit: warning: --sides {','.join(slow)}: this CPU has neither AMX nor AVX-512 BF16, so bf16 "
-                  "is emulated, 60-120x slower than fp32", file=sys.stderr)
+            notes.append(f"lorafit: warning: --sides {','.join(slow)}: this CPU has neither AMX nor AVX-512 BF16, "
+                         "so bf16 is emulated, 60-120x slower than fp32")
         if args.device == "cuda":
             import torch
 
@@ -129,7 +136,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                 raise LorafitError("--device cuda: no CUDA device is available here")
         save = (lambda so_far: write_jsonl(args.output, so_far)) if args.output else None
         records = run_bench(args.mode, work, sides, args.repeats, measure_peak=args.peak, peak_seconds=args.peak_seconds,
-                            say=lambda line: print(line, flush=True), vary_seed=args.vary_seed, save=save)
+                            say=lambda line: _say(line, notes), vary_seed=args.vary_seed, save=save)
     print(format_table(records))
     if args.output and not args.from_files:
         print(f"records written to {args.output}")

@@ -253,7 +253,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
     for p in peaks:
         at = f" ({wheres[_key(p)]})" if len(peaks) > 1 and _key(p) in wheres else ""
         lines += ["", f"matmul peak (GFLOP/s){at}: " + ", ".join(f"{q['dtype']} {q['shape']} {q['gflops']:.0f}"
-                                                                 for q in p["peaks"])]
+                                                                 for q in p["peaks"])
+                  + "".join(f"; {d} not measured: {why}" for d, why in p.get("not_measured", {}).items())]
     env = next((r["environment"] for r in rows), None)
     if env:
         flags = ",".join(k for k, v in env["cpu_flags"].items() if v) or "none"

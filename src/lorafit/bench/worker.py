@@ -148,6 +148,7 @@ def memory(work: Workload, side: Side, method: str, steps: int = 20) -> dict[str
 
 def peak(work: Workload, side: Side, budget: float = 0.5) -> dict[str, Any]:
     """The FLOP count per token of this model and the matmul peak at its own layer shapes."""
+    from lorafit.bench.env import cpu_has_bf16_matmul
     from lorafit.bench.flops import layer_shapes, linear_flops_per_token, matmul_peak
     from lorafit.models import load_tokenizer
     from lorafit.train import build_model, load_data
@@ -160,11 +161,15 @@ def peak(work: Workload, side: Side, budget: float = 0.5) -> dict[str, Any]:
     # Rows of the activation matrix in a typical batch: batch size x mean tokens per example.
     tokens = int(work.batch_size * float(train_data.lengths.mean()))
     dtypes = ("fp32", "bf16") if work.device == "cpu" else ("fp32", "bf16", "fp16")
-    peaks = matmul_peak(work.device, dtypes, tokens=tokens, shapes=layer_shapes(model),
-                        square=2048 if work.device == "cpu" else 8192, budget=budget)
+    # A CPU without AMX or AVX-512 BF16 only emulates bf16: one 2048-square product takes seconds
+    # (60-120x fp32), and its "peak" would measure the emulation. Not measured there; % of peak is "-".
+    emulated = work.device == "cpu" and not cpu_has_bf16_matmul()
+    peaks = matmul_peak(work.device, tuple(d for d in dtypes if not (emulated and d == "bf16")), tokens=tokens,
+                        shapes=layer_shapes(model), square=2048 if work.device == "cpu" else 8192, budget=budget)
     return {"flops_per_token": {"lora": linear_flops_per_token(model, "lora"),
                                 "full": linear_flops_per_token(full, "full")},
-            "batch_tokens": tokens, "peaks": [p.as_dict() for p in peaks]}
+            "batch_tokens": tokens, "peaks": [p.as_dict() for p in peaks],
+            "not_measured": {"bf16": "emulated on this CPU (no AMX or AVX-512 BF16)"} if emulated else {}}
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
