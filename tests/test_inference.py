@@ -71,7 +71,7 @@ def test_inference_precision_resolves_each_choice(monkeypatch, bf16_cpu):
 
 
 def test_a_bf16_run_infers_in_fp32_where_the_cpu_only_emulates_bf16(bf16_run, one_thread, avx2_cpu, capsys):
-    """bf16 products run 60-120x slower than fp32 on an AVX2-only CPU: `trained` must not pick them there."""
+    """bf16 evaluates 3x slower than fp32 on an AVX2-only CPU: `trained` must not pick them there."""
     from lorafit.cli import main
 
     run, _ = bf16_run

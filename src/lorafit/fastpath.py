@@ -65,7 +65,8 @@ def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 matrices in hardware, so that bf16 pays off.
 
     On a CPU that means AMX or AVX-512 BF16. One without either (an AVX2-only EPYC, most laptops)
-    runs PyTorch's bf16 products 60-120x slower than fp32 (docs/performance.md, "A CPU without
+    runs PyTorch's bf16 matrix products 60-120x slower than fp32, training 30x and evaluation 3x
+    slower (docs/performance.md, "A CPU without
     bf16").
     """
     if device.type == "cuda":  # compute capability 8 (Ampere) and up; older ones only emulate bf16
@@ -75,16 +76,22 @@ def native_bf16(device: torch.device) -> bool:
     return cpu_has_bf16_matmul()
 
 
+def emulated_bf16(device: torch.device) -> str | None:
+    """Why bf16 would be slow on ``device``, which only emulates it; None where bf16 is native."""
+    if native_bf16(device):
+        return None
+    where = "this GPU" if device.type == "cuda" else "this CPU (it has neither AMX nor AVX-512 BF16)"
+    return (f"bf16 on {where} is emulated, many times slower than fp32 (training 30x, evaluation 3x on an "
+            "AVX2-only EPYC)")
+
+
 def warn_if_slow_bf16(precision: str, device: torch.device, why: str) -> None:
     """A :class:`LorafitWarning` when ``precision`` is bf16 on a device that only emulates it.
 
     ``why`` names what asked for bf16 (a flag, a resumed run), so the user knows what to change.
     """
-    if precision == "bf16" and not native_bf16(device):
-        where = "this GPU" if device.type == "cuda" else "this CPU (it has neither AMX nor AVX-512 BF16)"
-        warnings.warn(f"{why}: bf16 on {where} is emulated: its bf16 products run many times slower than "
-                      "fp32 (60-120x on an AVX2-only CPU); --precision fp32 or auto avoids that", LorafitWarning,
-                      stacklevel=2)
+    if precision == "bf16" and (slow := emulated_bf16(device)):
+        warnings.warn(f"{why}: {slow}; --precision fp32 or auto avoids that", LorafitWarning, stacklevel=2)
 
 
 def resolve_frozen_bf16(frozen_bf16: bool | None, precision: str, method: str) -> bool:

@@ -72,7 +72,7 @@ def inference_precision(requested: str, trained_in: str | None, device: torch.de
 
     A model trained in fp16, which needs a GPU, infers in fp16 on a GPU and in fp32 on the CPU.
     One trained in bf16 infers in fp32 where the hardware only emulates bf16 (a CPU without AMX or
-    AVX-512 BF16 runs bf16 products 60-120x slower than fp32), with a :class:`LorafitWarning`:
+    AVX-512 BF16 evaluated 3x slower in bf16 than in fp32), with a :class:`LorafitWarning`:
     its metric may then differ from the one its training reported in the last digits.
     In bf16 the linears are held as training held or autocast cast them (:func:`cast_linears_bf16`),
     so an unmerged run directory evaluated with its own eval batch size repeats its training's dev

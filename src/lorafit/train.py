@@ -67,7 +67,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     precision = fastpath.resolve_precision(cfg.precision, device, run.recorded_precision() if cfg.resume else None)
     if precision == "fp16" and device.type != "cuda":
         raise LorafitError("--precision fp16 needs a GPU; on the CPU use bf16 or fp32")
-    asked_bf16 = "--precision bf16" if cfg.precision == "bf16" else "the run resumes in bf16, as it started"
+    asked_bf16 = "precision bf16 (the flag or the config)" if cfg.precision == "bf16" else \
+        "the run resumes in bf16, as it started"
     cfg = cfg.replace(precision=precision)  # config.yaml and the summary record what "auto" became
     frozen_bf16 = fastpath.resolve_frozen_bf16(cfg.frozen_bf16, precision, cfg.method)
     buckets = fastpath.bucket_lengths(cfg.length_buckets, cfg.max_length, cfg.compile)

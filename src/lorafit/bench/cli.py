@@ -21,23 +21,29 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _emulates_bf16(device: str) -> bool:
-    from lorafit.bench.env import cpu_has_bf16_matmul
+def _emulated_bf16(device: str) -> str | None:
+    """Why bf16 is slow on this CPU, or None. Not asked of a GPU: this process would start CUDA
+    (a context on the GPU beside the workers'), and each worker checks its own precision there."""
+    if device != "cpu":
+        return None
+    import torch
 
-    return device == "cpu" and not cpu_has_bf16_matmul()
+    from lorafit.fastpath import emulated_bf16
+
+    return emulated_bf16(torch.device(device))
 
 
 def default_sides(device: str, notes: list[str]) -> str:
     """DEFAULT_SIDES, its bf16 sides in fp32 on a CPU that only emulates bf16 (saying so in ``notes``).
 
-    There the Trainer's ``bf16=True`` is not its best setting but 60-120x slower than fp32
-    (docs/performance.md, "A CPU without bf16"): one MRPC run would take hours.
+    There the Trainer's ``bf16=True`` is not its best setting: on an AVX2-only CPU it is 18x slower
+    than its fp32 (docs/performance.md, "A CPU without bf16"), and one MRPC run would take hours.
     """
-    if not _emulates_bf16(device):
+    slow = _emulated_bf16(device)
+    if slow is None:
         return DEFAULT_SIDES
     kept = ",".join(dict.fromkeys(s.replace("@bf16", "@fp32") for s in DEFAULT_SIDES.split(",")))
-    notes.append(f"lorafit bench: this CPU has neither AMX nor AVX-512 BF16 (bf16 is emulated, 60-120x slower "
-                 f"than fp32), so the default sides are {kept}")
+    notes.append(f"lorafit bench: {slow}, so the default sides are {kept}")
     return kept
 
 
@@ -55,8 +61,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sides",
                    help="comma-separated IMPL[@PRECISION][+OPTION|-OPTION]: lorafit (its defaults), peft (HF Trainer + "
                         "PEFT), e.g. lorafit@bf16+compile, lorafit-group_by_length, peft@bf16, peft@bf16+group_by_length "
-                        f"(the Trainer's own length grouping) (default: {DEFAULT_SIDES}; in fp32 on a CPU "
-                        "without AMX or AVX-512 BF16)")
+                        f"(the Trainer's own length grouping) (default: {DEFAULT_SIDES}; in fp32 on a CPU without "
+                        "AMX or AVX-512 BF16, which only emulates bf16)")
     p.add_argument("--repeats", type=int, default=3, help="alternations A B A B ... (default: %(default)s)")
     p.add_argument("--output", help="write every measurement and summary as JSON lines to this file "
                                     "(rewritten after each measurement, so a run stopped midway keeps what it measured)")
@@ -125,15 +131,14 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         sides = [Side.parse(s) for s in (args.sides or default_sides(args.device, notes)).split(",") if s.strip()]
         if not sides:
             raise LorafitError("--sides: give at least one side, e.g. lorafit,peft@bf16")
-        slow = [side.label for side in sides if side.precision == "bf16"] if _emulates_bf16(args.device) else []
-        if slow:
-            notes.append(f"lorafit: warning: --sides {','.join(slow)}: this CPU has neither AMX nor AVX-512 BF16, "
-                         "so bf16 is emulated, 60-120x slower than fp32")
         if args.device == "cuda":
             import torch
 
             if not torch.cuda.is_available():
                 raise LorafitError("--device cuda: no CUDA device is available here")
+        in_bf16 = [side.label for side in sides if side.precision == "bf16"]
+        if in_bf16 and (slow := _emulated_bf16(args.device)):
+            notes.append(f"lorafit: warning: --sides {','.join(in_bf16)}: {slow}")
         save = (lambda so_far: write_jsonl(args.output, so_far)) if args.output else None
         records = run_bench(args.mode, work, sides, args.repeats, measure_peak=args.peak, peak_seconds=args.peak_seconds,
                             say=lambda line: _say(line, notes), vary_seed=args.vary_seed, save=save)

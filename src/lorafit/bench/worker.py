@@ -162,7 +162,7 @@ def peak(work: Workload, side: Side, budget: float = 0.5) -> dict[str, Any]:
     tokens = int(work.batch_size * float(train_data.lengths.mean()))
     dtypes = ("fp32", "bf16") if work.device == "cpu" else ("fp32", "bf16", "fp16")
     # A CPU without AMX or AVX-512 BF16 only emulates bf16: one 2048-square product takes seconds
-    # (60-120x fp32), and its "peak" would measure the emulation. Not measured there; % of peak is "-".
+    # (1-2 GFLOP/s against 170 in fp32), and its "peak" would measure the emulation. Not measured there; % of peak is "-".
     emulated = work.device == "cpu" and not cpu_has_bf16_matmul()
     peaks = matmul_peak(work.device, tuple(d for d in dtypes if not (emulated and d == "bf16")), tokens=tokens,
                         shapes=layer_shapes(model), square=2048 if work.device == "cpu" else 8192, budget=budget)
