@@ -65,9 +65,8 @@ def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 matrices in hardware, so that bf16 pays off.
 
     On a CPU that means AMX or AVX-512 BF16. One without either (an AVX2-only EPYC, most laptops)
-    runs PyTorch's bf16 matrix products 60-120x slower than fp32, training 30x and evaluation 3x
-    slower (docs/performance.md, "A CPU without
-    bf16").
+    runs PyTorch's bf16 matrix products 60-120x slower than fp32, whole training runs 30x slower
+    and evaluation 3x (docs/performance.md, "A CPU without bf16").
     """
     if device.type == "cuda":  # compute capability 8 (Ampere) and up; older ones only emulate bf16
         return torch.cuda.is_bf16_supported(including_emulation=False)
