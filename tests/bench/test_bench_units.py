@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 from transformers import BertConfig, BertForSequenceClassification
 
+from lorafit.bench import env as env_module
 from lorafit.bench.env import environment, physical_cores
 from lorafit.bench.flops import layer_shapes, linear_flops_per_token, matmul_peak
 from lorafit.bench.spec import Side
@@ -102,6 +104,20 @@ def test_environment_records_cpu_flags_threads_and_versions():
     assert env["threads"] >= 1 and 1 <= physical_cores() <= (env["logical_cpus"] or 1)
     assert env["allocator"] == "system"  # pytest's process runs on the system's malloc
     assert env["versions"]["torch"] and env["versions"]["lorafit"]
+    if os.path.exists("/proc/cpuinfo"):  # Linux: the generation, beyond a VM's generic model name
+        assert isinstance(env["cpu_id"]["family"], int) and isinstance(env["cpu_id"]["model"], int)
+
+
+def test_cpu_identity_is_the_first_processors(tmp_path):
+    # Two processors as a VM's /proc/cpuinfo lists them; "model" must not be read from "model name".
+    block = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: 2\n"
+             "model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n")
+    info = tmp_path / "cpuinfo"
+    info.write_text(block.format(n=0, family=26) + block.format(n=1, family=25))
+    model, flags, ident = env_module._cpuinfo(str(info))
+    assert model == "AMD EPYC" and {"avx512_bf16", "avx2"} <= flags
+    assert ident == {"vendor": "AuthenticAMD", "family": 26, "model": 2, "stepping": 1}
+    assert env_module._cpuinfo(str(tmp_path / "missing"))[2] == {}
 
 
 def _measurement(side, impl, eps, metric, repeat, precision="fp32"):
@@ -133,6 +149,10 @@ def test_summary_takes_medians_and_the_ratio_against_the_best_baseline():
     # A side without @PRECISION (lorafit's default is auto) shows what it resolved to.
     assert table.splitlines()[0].startswith("mrpc minilm cpu: lorafit (fp32) = 2.62x peft@bf16")
     assert "\nlorafit (fp32) " in table and "\npeft@bf16 " in table
+    assert table.splitlines()[-1].startswith("x (flags: none)")  # no cpu_id: a record from before it
+    zen5 = [{**r, "environment": {**r["environment"], "cpu_id": {"family": 26, "model": 2}}} if "environment" in r
+            else r for r in records]
+    assert format_table(zen5).splitlines()[-1].startswith("x (family 26 model 2, flags: none)")
 
 
 def _at(record, **settings):

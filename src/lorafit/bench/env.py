@@ -20,19 +20,30 @@ MATRIX_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
 VERSIONED = ("torch", "transformers", "accelerate", "peft", "numba", "lorafit")
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
+# Where the model name is generic ("AMD EPYC" on a VM), family and model tell the generations
+# apart: AMD family 25 is Zen 3 (models 0x00-0x0f) or Zen 4 (0x10-0x1f, 0xa0-0xaf), family 26 is
+# Zen 5; their bf16 matmul speeds differ.
+_IDENTITY = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "stepping": "stepping"}
+
+
+def _cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str, set[str], dict[str, str | int]]:
+    """The first processor's model name, flags and identity (vendor, family, model, stepping)."""
+    model, flags, ident = platform.processor() or platform.machine(), set(), {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model in ("", platform.processor(), platform.machine()):
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if not key and ident:  # the blank line after the first processor
+                    break
+                if key == "model name":
+                    model = value
+                elif key == "flags":
                     flags = set(value.split())
+                elif key in _IDENTITY:
+                    ident[_IDENTITY[key]] = int(value) if value.isdigit() else value
     except OSError:  # not Linux: the model name from platform, no flags
         pass
-    return model, flags
+    return model, flags, ident
 
 
 def cpu_flags() -> dict[str, bool]:
@@ -77,10 +88,11 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     """The record stored with every figure: hardware, threads and versions."""
     import torch  # here, not at the top: `lorafit --help` builds the bench's parser from this package
 
-    model, _ = _cpuinfo()
+    model, _, ident = _cpuinfo()
     info: dict[str, Any] = {
         "device": device,
         "cpu": model,
+        "cpu_id": ident,
         "cpu_flags": cpu_flags(),
         "logical_cpus": os.cpu_count(),
         "physical_cores": physical_cores(),
