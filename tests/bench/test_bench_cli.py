@@ -114,6 +114,21 @@ def test_a_bad_workload_is_refused_before_anything_is_measured(argv, message, mo
     assert line.startswith(f"lorafit: error: {message}") and "measuring" not in out
 
 
+@pytest.mark.parametrize("mode, sides, message", [
+    ("infer", "lorafit@bf16,peft@bf16", "--sides peft@bf16: bench infer measures lorafit's models only"),
+    ("memory", "peft@fp32", "--sides peft@fp32: bench memory measures lorafit's models only"),
+    ("memory", "lorafit@fp32,lorafit@bf16", "--sides lorafit@fp32,lorafit@bf16: bench memory compares LoRA"),
+])
+def test_sides_infer_and_memory_would_not_measure_are_refused(mode, sides, message, monkeypatch, capsys):
+    # They used to be dropped without a word: only the first lorafit side was timed.
+    from lorafit.bench import runner
+
+    monkeypatch.setattr(runner, "run_worker", lambda spec, threads: pytest.fail("a worker started"))
+    assert main(["bench", mode, "--sides", sides]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"lorafit: error: {message}")
+
+
 def test_an_output_that_cannot_be_written_is_refused_before_anything_is_measured(tmp_path, monkeypatch, capsys):
     from lorafit.bench import runner
 
@@ -134,6 +149,7 @@ def test_infer_and_memory_modes(tmp_path):
     assert main(["bench", "infer", *TINY, "--output", str(out)]) == 0
     runs = [r for r in _records(out) if r["kind"] == "measurement"]
     assert [r["variant"] for r in runs] == ["base", "unmerged", "merged"]
+    assert {r["precision"] for r in runs} == {"fp32"}  # a plain lorafit side infers in fp32
     assert all(r["latency_ms_b1"] > 0 and r["latency_p90_ms_b32"] >= r["latency_ms_b32"] for r in runs)
     assert all(r["warmup_inputs"] == 60 for r in runs)  # an untimed pass over the 60 timed inputs
     # One worker times the three variants interleaved: one environment, and a paired ratio per
@@ -143,6 +159,13 @@ def test_infer_and_memory_modes(tmp_path):
     ratios = {r["side"]: r for r in _records(out) if r["kind"] == "ratio"}
     assert set(ratios) == {"unmerged", "merged"}
     assert ratios["merged"]["paired_overhead_b1"] == runs[2]["paired_overhead_b1"]  # one repeat: its own value
+    # Two precisions in one run: each side times its own three models, with its own base.
+    both = tmp_path / "infer-both.jsonl"
+    assert main(["bench", "infer", *TINY, "--sides", "lorafit@fp32,lorafit@bf16", "--output", str(both)]) == 0
+    runs = [r for r in _records(both) if r["kind"] == "measurement"]
+    assert [(r["side"], r["precision"]) for r in runs] == [("lorafit@fp32", "fp32")] * 3 + [("lorafit@bf16", "bf16")] * 3
+    assert {(r["infer_side"], r["side"]) for r in _records(both) if r["kind"] == "ratio"} == {
+        (side, variant) for side in ("lorafit@fp32", "lorafit@bf16") for variant in ("unmerged", "merged")}
     out = tmp_path / "memory.jsonl"
     assert main(["bench", "memory", *TINY, "--output", str(out)]) == 0
     (ratio,) = [r for r in _records(out) if r["kind"] == "ratio"]

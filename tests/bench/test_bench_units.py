@@ -337,3 +337,13 @@ def test_the_peak_leaves_out_bf16_where_the_cpu_only_emulates_it(avx2_cpu, tiny_
     assert record["not_measured"] == {"bf16": "emulated on this CPU (no AMX or AVX-512 BF16)"}
     table = format_table([{"kind": "peak", "mode": "train", "settings": work.as_dict(), **record}])
     assert "bf16 not measured: emulated on this CPU" in table
+
+
+def test_each_mode_schedules_what_it_measures():
+    from lorafit.bench.runner import MEMORY_VARIANTS, schedule
+
+    fp32, bf16, peft = Side.parse("lorafit@fp32"), Side.parse("lorafit@bf16"), Side.parse("peft@bf16")
+    assert schedule("train", [fp32, peft, bf16]) == [(fp32, None), (peft, None), (bf16, None)]
+    assert schedule("infer", [fp32, bf16, fp32]) == [(fp32, None), (bf16, None)]  # every lorafit side, once
+    assert schedule("infer", []) == [(Side.parse("lorafit"), None)]
+    assert schedule("memory", [bf16]) == [(bf16, v) for v in MEMORY_VARIANTS]

@@ -62,7 +62,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated IMPL[@PRECISION][+OPTION|-OPTION]: lorafit (its defaults), peft (HF Trainer + "
                         "PEFT), e.g. lorafit@bf16+compile, lorafit-group_by_length, peft@bf16, peft@bf16+group_by_length "
                         f"(the Trainer's own length grouping) (default: {DEFAULT_SIDES}; in fp32 on a CPU without "
-                        "AMX or AVX-512 BF16, which only emulates bf16)")
+                        "AMX or AVX-512 BF16, which only emulates bf16). infer times each lorafit side, e.g. "
+                        "lorafit@bf16,lorafit@fp32 (default: lorafit, in fp32); memory takes one lorafit side")
     p.add_argument("--repeats", type=int, default=3, help="alternations A B A B ... (default: %(default)s)")
     p.add_argument("--output", help="write every measurement and summary as JSON lines to this file "
                                     "(rewritten after each measurement, so a run stopped midway keeps what it measured)")
@@ -128,7 +129,8 @@ def run_bench_cli(args: argparse.Namespace) -> int:
                         rank=args.rank, alpha=args.alpha, lora_dropout=args.lora_dropout, device=args.device,
                         length_buckets=args.length_buckets)
         notes: list[str] = []  # printed once the input is checked, before the first measurement
-        sides = [Side.parse(s) for s in (args.sides or default_sides(args.device, notes)).split(",") if s.strip()]
+        default = default_sides(args.device, notes) if args.mode == "train" else "lorafit"
+        sides = [Side.parse(s) for s in (args.sides or default).split(",") if s.strip()]
         if not sides:
             raise LorafitError("--sides: give at least one side, e.g. lorafit,peft@bf16")
         if args.device == "cuda":

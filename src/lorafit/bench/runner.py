@@ -70,10 +70,10 @@ def schedule(mode: str, sides: list[Side]) -> list[tuple[Side, str | None]]:
     one worker, interleaved (see :func:`lorafit.bench.worker.infer`)."""
     if mode == "train":
         return [(s, None) for s in sides]
-    side = next((s for s in sides if s.impl == "lorafit"), Side("lorafit"))
-    if mode == "infer":
-        return [(side, None)]
-    return [(side, v) for v in MEMORY_VARIANTS]
+    mine = list(dict.fromkeys(s for s in sides if s.impl == "lorafit")) or [Side("lorafit")]
+    if mode == "infer":  # each precision against its own base model, alternated like the train mode's sides
+        return [(s, None) for s in mine]
+    return [(mine[0], v) for v in MEMORY_VARIANTS]
 
 
 def run_bench(
@@ -92,8 +92,8 @@ def run_bench(
     Args:
         mode: ``train``, ``infer`` or ``memory``.
         work: The workload every side runs.
-        sides: Implementations and settings (train mode); infer and memory use the first
-            lorafit side's precision.
+        sides: Implementations and settings. Infer times each lorafit side (a precision, say);
+            memory takes one lorafit side. Neither times the Trainer, so a peft side is refused there.
         repeats: Alternations: each side runs once per repeat, in the order given.
         measure_peak: Measure the matmul peak and the FLOP count first (train mode).
         peak_seconds: Rough seconds spent timing each matmul shape.
@@ -113,6 +113,8 @@ def run_bench(
         from lorafit.bench.baseline import require_peft
 
         require_peft()  # fail before any measurement, not after the first lorafit run
+    if mode != "train":
+        check_sides_for(mode, sides)
     check_sides(work, sides)
     threads = work.threads or physical_cores()
     work = dataclasses.replace(work, threads=threads)
@@ -147,6 +149,17 @@ def run_bench(
             if save is not None:
                 save(records + summarize(records))
     return records + summarize(records)
+
+
+def check_sides_for(mode: str, sides: list[Side]) -> None:
+    """Refuse sides that ``infer`` or ``memory`` would not measure, rather than drop them silently."""
+    trainer = [s.label for s in sides if s.impl != "lorafit"]
+    if trainer:
+        raise LorafitError(f"--sides {','.join(trainer)}: bench {mode} measures lorafit's models only "
+                           f"(the Trainer is compared in bench train); give lorafit sides, e.g. lorafit@bf16,lorafit@fp32")
+    if mode == "memory" and len(set(sides)) > 1:
+        raise LorafitError(f"--sides {','.join(s.label for s in sides)}: bench memory compares LoRA with full "
+                           "fine-tuning for one side; give one lorafit side")
 
 
 def check_sides(work: Workload, sides: list[Side]) -> None:
