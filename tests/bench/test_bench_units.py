@@ -152,7 +152,7 @@ def test_summary_takes_medians_and_the_ratio_against_the_best_baseline():
     assert table.splitlines()[-1].startswith("x (flags: none)")  # no cpu_id: a record from before it
     zen5 = [{**r, "environment": {**r["environment"], "cpu_id": {"family": 26, "model": 2}}} if "environment" in r
             else r for r in records]
-    assert format_table(zen5).splitlines()[-1].startswith("x (family 26 model 2, flags: none)")
+    assert format_table(zen5).splitlines()[-1].startswith("x family 26 model 2 (flags: none)")
 
 
 def _at(record, **settings):

@@ -105,3 +105,9 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
     return info
+
+
+def cpu_name(env: dict[str, Any]) -> str:
+    """The CPU of a record's environment, with its family and model where recorded (since 2026-12-07)."""
+    ident = env.get("cpu_id") or {}
+    return env.get("cpu", "") + (f" family {ident['family']} model {ident['model']}" if "family" in ident else "")

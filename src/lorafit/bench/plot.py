@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lorafit.bench.env import cpu_name
+
 
 def plot_throughput(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Bar chart of median training examples/s (min-max as error bars), one panel per task.
@@ -47,7 +49,7 @@ def plot_throughput(records: list[dict[str, Any]], path: str | Path) -> Path:
         task, model, device, _ = key
         title = f"{task}, {model.split('/')[-1]}, {device}, {env['threads']} threads"
         title += f"\n({details[key]})" if details[key] else ""
-        ax.set_title(f"{title}\n{env.get('cpu', '')}", fontsize=8)
+        ax.set_title(f"{title}\n{cpu_name(env)}", fontsize=8)
     path = Path(path)
     import io
 

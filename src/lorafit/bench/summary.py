@@ -12,6 +12,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+from lorafit.bench.env import cpu_name
 from lorafit.bench.spec import Side
 
 TRAIN_FIELDS = ("examples_per_second", "tokens_per_second", "dev_metric", "peak_memory_gib", "train_seconds",
@@ -258,9 +259,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
     env = next((r["environment"] for r in rows), None)
     if env:
         flags = ",".join(k for k, v in env["cpu_flags"].items() if v) or "none"
-        ident = env.get("cpu_id") or {}  # records written before 2026-12-07 lack it
-        family = f"family {ident['family']} model {ident['model']}, " if "family" in ident else ""
-        lines += ["", f"{env['cpu']} ({family}flags: {flags}), {env['threads']} threads, device {env['device']}"
+        lines += ["", f"{cpu_name(env)} (flags: {flags}), {env['threads']} threads, device {env['device']}"
                       + (f" {env['gpu']}" if env.get("gpu") else "")
                       + ", " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)]
     return "\n".join(lines).strip("\n")
