@@ -21,8 +21,7 @@ VERSIONED = ("torch", "transformers", "accelerate", "peft", "numba", "lorafit")
 
 
 # Where the model name is generic ("AMD EPYC" on a VM), family and model tell the generations
-# apart: AMD family 25 is Zen 3 (models 0x00-0x0f) or Zen 4 (0x10-0x1f, 0xa0-0xaf), family 26 is
-# Zen 5; their bf16 matmul speeds differ.
+# apart (AMD family 25 is Zen 3 or Zen 4 by model, family 26 Zen 5), whose bf16 matmul speeds differ.
 _IDENTITY = {"vendor_id": "vendor", "cpu family": "family", "model": "model", "stepping": "stepping"}
 
 
