@@ -13,8 +13,9 @@ of each and its speed against the first. ``lorafit bench`` measures whole runs a
 baseline; this isolates the step, where one setting's effect is not diluted by start-up,
 evaluation and batches of other widths. Settings: ``plain`` (lorafit's defaults),
 ``fast_dropout`` (``--fast-dropout``), ``pytorch`` (``--no-vectorised-masks``: PyTorch's mask
-kernel and SDPA) and ``masks_only`` (the vectorised masks without lorafit's attention and
-dropout noise: the defaults before those came), each optionally with a part of the model taken out to see
+kernel and SDPA), ``masks_only`` (the vectorised masks without lorafit's attention and
+dropout noise: the defaults before those came) and ``full_rows`` (``--no-cls-only-last-layer``: the
+last layer computes every row), each optionally with a part of the model taken out to see
 what it costs (``fast_dropout-attention``, ``plain-gelu``, ``fast_dropout-layernorm``; see
 ``lorafit.bench.step.remove_part``), and optionally compiled (``plain@compile``: ``torch.compile``
 in inductor's default mode with static shapes, as ``lorafit train --compile`` uses on a CPU; one
@@ -43,7 +44,7 @@ from lorafit.config import make_config
 from lorafit.models import load_tokenizer
 from lorafit.setup import load_data
 
-SETTINGS = ("plain", "fast_dropout", "masks_only", "pytorch")
+SETTINGS = ("plain", "fast_dropout", "masks_only", "pytorch", "full_rows")
 
 
 def main() -> None:
@@ -79,7 +80,8 @@ def main() -> None:
         name, compiled, _ = setting.partition("@compile")
         base, _, part = name.partition("-")
         model, steps[setting] = training_step(
-            cfg.replace(fast_dropout=base == "fast_dropout", vectorised_masks=base != "pytorch"), task, data,
+            cfg.replace(fast_dropout=base == "fast_dropout", vectorised_masks=base != "pytorch",
+                        cls_only_last_layer=base != "full_rows"), task, data,
             vectorised_dropout=base != "masks_only")
         if part:
             remove_part(model, part)

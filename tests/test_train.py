@@ -359,7 +359,7 @@ def test_field_tags_give_the_lists_the_rest_of_lorafit_uses():
 
     assert RUNTIME_KEYS == {"eval_batch_size", "output_dir", "overwrite", "resume", "save_steps", "log_steps",
                             "num_threads", "progress", "device", "report_to", "reuse_memory", "allocator",
-                            "vectorised_masks"}
+                            "vectorised_masks", "cls_only_last_layer"}
     assert PER_RUN_KEYS == {"output_dir", "overwrite", "resume", "seeds"}
     assert set(LORA_ONLY) == {"rank", "alpha", "lora_dropout", "target_modules", "use_rslora", "modules_to_save",
                               "init_adapter", "use_dora", "init_lora_weights", "loraplus_lr_ratio",

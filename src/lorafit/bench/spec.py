@@ -27,8 +27,8 @@ VARIANT_SWITCHES: dict[str, dict[str, Any]] = {
 # Switches that set more than their own field: ``+step_graph`` compiles and captures each whole
 # training step as a CUDA graph (``--compile --compile-mode step-graph``).
 COMPOUND_SWITCHES: dict[str, dict[str, Any]] = {"step_graph": {"compile": True, "compile_mode": "step-graph"}}
-LORAFIT_SWITCHES = ("compile", "fast_dropout", "frozen_bf16", "fused_optimizer", "group_by_length", "reuse_memory",
-                    "vectorised_masks", *COMPOUND_SWITCHES, *VARIANT_SWITCHES)
+LORAFIT_SWITCHES = ("cls_only_last_layer", "compile", "fast_dropout", "frozen_bf16", "fused_optimizer", "group_by_length",
+                    "reuse_memory", "vectorised_masks", *COMPOUND_SWITCHES, *VARIANT_SWITCHES)
 # The baseline's one switch: the Trainer's own ``group_by_length`` (off by default, as a user who
 # keeps the Trainer's defaults has it), so a comparison can also show the baseline with padding
 # cut the way lorafit cuts it (``peft@bf16+group_by_length``).

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from lorafit import cpu_dropout, fastpath, mt_masks
+from lorafit import cpu_dropout, fastpath, head_row, mt_masks
 from lorafit.data import batch_order
 from lorafit.distributed import make_accelerator
 from lorafit.setup import build_model, linear_schedule, make_optimizer
@@ -83,13 +83,16 @@ def training_step(cfg: Any, task: Any, data: Any, vectorised_dropout: bool = Tru
     As ``lorafit train`` builds it: LoRA per ``cfg``, fast dropout if ``cfg.fast_dropout``, PyTorch's
     masks drawn vectorised if ``cfg.vectorised_masks`` (written as dropout's noise, and SDPA's math
     path without its checks, unless ``vectorised_dropout`` is False: the defaults before that came),
-    the frozen base in bf16 where LoRA trains in bf16, fused AdamW, autocast in ``cfg.precision``.
+    the last layer past its attention on the first token only if ``cfg.cls_only_last_layer``, the
+    frozen base in bf16 where LoRA trains in bf16, fused AdamW, autocast in ``cfg.precision``.
     """
     model = build_model(cfg, task)
     if cfg.fast_dropout:
         cpu_dropout.use_fast_dropout(model)
     elif cfg.vectorised_masks and vectorised_dropout:
         cpu_dropout.use_vectorised_dropout(model)
+    if cfg.cls_only_last_layer:
+        head_row.first_row_only(model)
     if fastpath.resolve_frozen_bf16(None, cfg.precision, "lora"):
         fastpath.cast_frozen_linears(model)
     optimizer = make_optimizer(model, cfg)
