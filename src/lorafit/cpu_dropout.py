@@ -219,11 +219,7 @@ def vectorised_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    ours = (module.training and dropout > 0 and query.device.type == "cpu"
-            and (scaling is None or scaling >= 0) and not getattr(module, "is_causal", False)
-            and getattr(module, "num_key_value_groups", 1) == 1
-            and all(kwargs.get(k) is None for k in ("is_causal", "position_bias", "softcap")))
-    mask = _checked_mask(attention_mask) if ours else False
+    mask = _checked_mask(attention_mask) if _math_path_applies(module, query, dropout, scaling, kwargs) else False
     if mask is False:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
@@ -231,9 +227,24 @@ def vectorised_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
     return out.transpose(1, 2).contiguous(), None
 
 
+def _math_path_applies(module: nn.Module, query: torch.Tensor, dropout: float, scaling: float | None,
+                       kwargs: dict[str, Any]) -> bool:
+    """Whether :func:`vectorised_attention` computes this call itself (else it is SDPA's): CPU
+    training with dropout, non-negative scaling, no causal, grouped, biased or capped attention."""
+    return (module.training and dropout > 0 and query.device.type == "cpu"
+            and (scaling is None or scaling >= 0) and not getattr(module, "is_causal", False)
+            and getattr(module, "num_key_value_groups", 1) == 1
+            and all(kwargs.get(k) is None for k in ("is_causal", "position_bias", "softcap")))
+
+
 def _math_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                    dropout: float, scaling: float | None) -> torch.Tensor:
-    """PyTorch's ``_scaled_dot_product_attention_math``, op for op, with a plain softmax."""
+                    dropout: float, scaling: float | None, rows_drawn: int | None = None) -> torch.Tensor:
+    """PyTorch's ``_scaled_dot_product_attention_math``, op for op, with a plain softmax.
+
+    ``rows_drawn``: ``query`` holds the first of that many query rows (:mod:`lorafit.head_row`),
+    and the probabilities' dropout draws the mask of all of them, keeping the first row's, so that
+    the random stream is the one the whole attention would leave.
+    """
     dtype = query.dtype
     if torch.is_autocast_enabled("cpu"):  # SDPA is one of autocast's lower-precision ops
         dtype = torch.get_autocast_dtype("cpu")
@@ -246,7 +257,12 @@ def _math_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         scores = torch.matmul(q * root, k.transpose(-2, -1) * root)
         if mask is not None:
             scores.add_(mask)
-        probs = mt_masks.dropout(torch.softmax(scores, dim=-1), dropout)
+        probs = torch.softmax(scores, dim=-1)
+        if rows_drawn is None:
+            probs = mt_masks.dropout(probs, dropout)
+        else:  # dropout's noise is x * noise for x = 1: the mask itself, then the first row's part
+            whole = probs.new_ones(*probs.shape[:-2], rows_drawn, probs.size(-1))
+            probs = probs * mt_masks.dropout(whole, dropout)[..., : probs.size(-2), :]
         return torch.matmul(probs, v).to(dtype)
 
 
