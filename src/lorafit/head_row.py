@@ -38,12 +38,43 @@ HEAD_READS_FIRST_TOKEN = ("bert", "roberta", "xlm-roberta", "electra", "deberta-
 
 
 class _Pass:
-    """The sequence length of the training pass now inside the last layer (None outside one)."""
+    """The sequence length of the training pass now inside the last layer (None outside one), and
+    whether the attention has asked with the first token's query alone."""
 
     length: int | None = None
+    asked_first_query: bool = False
 
 
-def first_row_only(model: nn.Module, same_masks: bool = True) -> bool:
+class FirstRow:
+    """What :func:`first_row_only` installed, and how much of the last layer it has cut so far."""
+
+    def __init__(self, state: _Pass) -> None:
+        self._state = state
+
+    @property
+    def extent(self) -> str:
+        """``"query"`` once the attention has asked with the first token's query alone (lorafit's CPU
+        attention), else ``"past_attention"`` (only what follows the attention is cut)."""
+        return "query" if self._state.asked_first_query else "past_attention"
+
+
+def last_layer(model: nn.Module) -> nn.Module | None:
+    """The encoder layer whose first row the head reads, where :func:`first_row_only` can cut it."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in HEAD_READS_FIRST_TOKEN:
+        return None
+    if getattr(config, "chunk_size_feed_forward", 0) or getattr(config, "is_decoder", False):
+        return None
+    layers = getattr(getattr(getattr(model, "base_model", None), "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) < 2:  # DeBERTa's first layer feeds a conv
+        return None
+    last = layers[-1]
+    parts = (getattr(getattr(last, "attention", None), "output", None), getattr(last, "intermediate", None),
+             getattr(last, "output", None))
+    return last if all(part is not None for part in parts) else None
+
+
+def first_row_only(model: nn.Module, same_masks: bool = True) -> FirstRow | None:
     """Make ``model``'s last encoder layer compute, in training, only the first row past its attention.
 
     Args:
@@ -54,22 +85,13 @@ def first_row_only(model: nn.Module, same_masks: bool = True) -> bool:
             kernels draw their own masks anyway.
 
     Returns:
-        Whether it was installed: not for other model types, a one-layer encoder, or a model
-        that chunks its feed-forward block over the sequence.
+        What was installed (its ``extent`` says how much has been cut), or None where nothing
+        was: other model types, a one-layer encoder, a feed-forward chunked over the sequence.
     """
-    config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in HEAD_READS_FIRST_TOKEN:
-        return False
-    if getattr(config, "chunk_size_feed_forward", 0) or getattr(config, "is_decoder", False):
-        return False
-    layers = getattr(getattr(getattr(model, "base_model", None), "encoder", None), "layer", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) < 2:  # DeBERTa's first layer feeds a conv
-        return False
-    last = layers[-1]
-    after_attention = [getattr(getattr(last, "attention", None), "output", None),
-                       getattr(last, "intermediate", None), getattr(last, "output", None)]
-    if any(part is None for part in after_attention):
-        return False
+    last = last_layer(model)
+    if last is None:
+        return None
+    after_attention = [last.attention.output, last.intermediate, last.output]
     state = _Pass()
     after_attention[0].register_forward_pre_hook(functools.partial(_first_rows, state))
     first_row_parts = after_attention
@@ -84,7 +106,7 @@ def first_row_only(model: nn.Module, same_masks: bool = True) -> bool:
                 if isinstance(module, nn.Dropout):
                     module.register_forward_pre_hook(functools.partial(_whole_sequence, state))
                     module.register_forward_hook(functools.partial(_first_row_of, state))
-    return True
+    return FirstRow(state)
 
 
 # What BERT's self-attention holds (RoBERTa's and ELECTRA's are copies of it).
@@ -108,6 +130,7 @@ def _first_query(state: _Pass, module: nn.Module, forward: Callable[..., Any], h
     if mask is False:
         return forward(hidden_states, attention_mask, *args, **kwargs)
     batch, size = hidden_states.size(0), module.attention_head_size
+    state.asked_first_query = True
     state.length = length  # the query's LoRA dropout draws the whole sequence's mask
     query = module.query(hidden_states[:, :1]).view(batch, 1, -1, size).transpose(1, 2)
     state.length = None

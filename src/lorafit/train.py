@@ -102,7 +102,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     elif cfg.vectorised_masks and device.type == "cpu" and not cfg.compile:  # the same numbers, less work
         cpu_dropout.use_vectorised_dropout(model)  # (inductor draws its own masks: nothing to do there)
     # After the dropout swaps above: the last layer's masks are hooked on the modules that draw them.
-    cls_only = cfg.cls_only_last_layer and head_row.first_row_only(model, same_masks=not cfg.compile)
+    first_row = head_row.first_row_only(model, same_masks=not cfg.compile) if cfg.cls_only_last_layer else None
     counts = count_parameters(model)
     if frozen_bf16:
         fastpath.cast_frozen_linears(model)
@@ -198,7 +198,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "frozen_bf16": frozen_bf16, "compile": cfg.compile, "compile_mode": mode if cfg.compile else None,
         "length_buckets": list(buckets) if buckets else None,
         "fused_optimizer": cfg.fused_optimizer, "fast_dropout": cfg.fast_dropout,
-        "vectorised_masks": vectorised, "cls_only_last_layer": cls_only, "reuse_memory": reuse_memory, "allocator": malloc,
+        "vectorised_masks": vectorised, "cls_only_last_layer": first_row.extent if first_row else False,
+        "reuse_memory": reuse_memory, "allocator": malloc,
         "attention": getattr(accelerator.unwrap_model(model).config, "_attn_implementation", None)})
     if accelerator.is_main_process:
         run.write_summary(summary)

@@ -10,7 +10,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from lorafit.bench import env as env_module
 from lorafit.bench.env import environment, physical_cores
-from lorafit.bench.flops import layer_shapes, linear_flops_per_token, matmul_peak
+from lorafit.bench.flops import first_row_flops_per_token, layer_shapes, linear_flops_per_token, matmul_peak
 from lorafit.bench.spec import Side
 from lorafit.bench.summary import format_table, summarize
 from lorafit.errors import LorafitError
@@ -90,6 +90,11 @@ def test_flop_count_matches_the_hand_count():
     lora = layers * 2 * r * (d + d)  # A and B of query and value
     assert linear_flops_per_token(torch_model, "lora") == 4 * frozen + 6 * lora
     assert layer_shapes(torch_model) == {(d, d): 4 * layers, (d, f): layers, (f, d): layers}
+    # The last layer cut to its first row: its output projection and feed-forward block, and the query.
+    assert first_row_flops_per_token(torch_model, "lora") == {"past_attention": 4 * (d * d + 2 * d * f),
+                                                              "query": 4 * d * d + 6 * r * (d + d)}
+    torch_model.config.chunk_size_feed_forward = 4  # a layer it cannot cut counts nothing
+    assert first_row_flops_per_token(torch_model, "lora") == {"past_attention": 0, "query": 0}
 
 
 def test_matmul_peak_reports_square_each_shape_and_the_mix():
@@ -144,6 +149,15 @@ def test_summary_takes_medians_and_the_ratio_against_the_best_baseline():
     assert lorafit["achieved_gflops"] == pytest.approx(5.5) and lorafit["percent_of_peak"] == pytest.approx(55)
     (ratio,) = [r for r in out if r["kind"] == "ratio"]
     assert ratio["against"] == "peft@bf16" and ratio["speedup"] == pytest.approx(110 / 42)
+    # A last layer cut to its first row computed those products once an example, not once a token.
+    for extent, once in (("query", 300_000), ("past_attention", 200_000), (True, 300_000), (False, 0)):
+        for r in records:
+            if r["kind"] == "measurement":
+                r["speed"] = {"cls_only_last_layer": extent, "attention": "lorafit_vectorised_masks"}
+            elif r["kind"] == "peak":
+                r["flops_per_token"]["lora_first_row"] = {"past_attention": 200_000, "query": 100_000}
+        cut = next(r for r in summarize(records) if r["kind"] == "summary" and r["side"] == "lorafit")
+        assert cut["achieved_gflops"] == pytest.approx(((1_000_000 - once) * 5_500 + once * 110) / 1e9), extent
     assert ratio["dev_metric_difference"] == pytest.approx(0.02)
     table = format_table(records)
     # A side without @PRECISION (lorafit's default is auto) shows what it resolved to.

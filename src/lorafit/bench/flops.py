@@ -43,6 +43,22 @@ def linear_flops_per_token(model: nn.Module, method: str = "lora") -> int:
     return total
 
 
+def first_row_flops_per_token(model: nn.Module, method: str = "lora") -> dict[str, int]:
+    """Of :func:`linear_flops_per_token`, what the last layer computes for the first row alone
+    under ``--cls-only-last-layer`` (:mod:`lorafit.head_row`): ``past_attention`` (its output
+    projection and feed-forward block) and ``query`` (its query projection, cut where lorafit's
+    CPU attention runs). Both 0 where the model's last layer is not cut.
+    """
+    from lorafit.head_row import last_layer
+
+    last = last_layer(model)
+    if last is None:
+        return {"past_attention": 0, "query": 0}
+    past = sum(linear_flops_per_token(part, method) for part in (last.attention.output, last.intermediate, last.output))
+    query = getattr(last.attention.self, "query", None)
+    return {"past_attention": past, "query": linear_flops_per_token(query, method) if query is not None else 0}
+
+
 def layer_shapes(model: nn.Module) -> dict[tuple[int, int], int]:
     """How often each (in, out) shape occurs among the encoder's per-token linear layers."""
     counts: dict[tuple[int, int], int] = {}

@@ -93,13 +93,25 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         peak = peaks.get(_key(rows[0]))
         # The FLOP count is plain LoRA's: a variant's extra work (DoRA's weight norm) is not in it.
         if mode == "train" and peak and rows[0]["impl"] == "lorafit" and not Side.parse(side).variant:
-            flops = peak["flops_per_token"]["lora"] * summary["tokens_per_second"]["median"]
+            flops = _lora_flops_per_second(peak["flops_per_token"], rows[0].get("speed") or {}, summary)
             summary["achieved_gflops"] = flops / 1e9
             top = _peak_for(peak["peaks"], summary["precision"] or "fp32")
             summary["peak_gflops"] = top
             summary["percent_of_peak"] = 100 * flops / 1e9 / top if top else None
         out.append(summary)
     return out + _ratios(out)
+
+
+def _lora_flops_per_second(counts: dict[str, Any], speed: dict[str, Any], summary: dict[str, Any]) -> float:
+    """LoRA training FLOP/s: the count per token times tokens/s, less what a last layer cut to its
+    first row (``--cls-only-last-layer``) computed once an example instead of once a token."""
+    rows = counts.get("lora_first_row") or {}
+    extent = speed.get("cls_only_last_layer")
+    if extent is True:  # the records of 2026-12-07 said only whether; the attention says how far
+        extent = "query" if speed.get("attention") == "lorafit_vectorised_masks" else "past_attention"
+    once = rows.get("past_attention", 0) + (rows.get("query", 0) if extent == "query" else 0) if extent else 0
+    return ((counts["lora"] - once) * summary["tokens_per_second"]["median"]
+            + once * summary["examples_per_second"]["median"])
 
 
 def _ratios(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:

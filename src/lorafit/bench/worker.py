@@ -149,7 +149,12 @@ def memory(work: Workload, side: Side, method: str, steps: int = 20) -> dict[str
 def peak(work: Workload, side: Side, budget: float = 0.5) -> dict[str, Any]:
     """The FLOP count per token of this model and the matmul peak at its own layer shapes."""
     from lorafit.bench.env import cpu_has_bf16_matmul
-    from lorafit.bench.flops import layer_shapes, linear_flops_per_token, matmul_peak
+    from lorafit.bench.flops import (
+        first_row_flops_per_token,
+        layer_shapes,
+        linear_flops_per_token,
+        matmul_peak,
+    )
     from lorafit.models import load_tokenizer
     from lorafit.train import build_model, load_data
 
@@ -167,7 +172,8 @@ def peak(work: Workload, side: Side, budget: float = 0.5) -> dict[str, Any]:
     peaks = matmul_peak(work.device, tuple(d for d in dtypes if not (emulated and d == "bf16")), tokens=tokens,
                         shapes=layer_shapes(model), square=2048 if work.device == "cpu" else 8192, budget=budget)
     return {"flops_per_token": {"lora": linear_flops_per_token(model, "lora"),
-                                "full": linear_flops_per_token(full, "full")},
+                                "full": linear_flops_per_token(full, "full"),
+                                "lora_first_row": first_row_flops_per_token(model, "lora")},
             "batch_tokens": tokens, "peaks": [p.as_dict() for p in peaks],
             "not_measured": {"bf16": "emulated on this CPU (no AMX or AVX-512 BF16)"} if emulated else {}}
 
