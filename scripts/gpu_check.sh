@@ -59,10 +59,11 @@ timeout -k 10 "$(limit_for 120)" python -m pytest -q -m gpu -p no:cacheprovider 
 echo "   exit $? after $((SECONDS - start))s"; tail -n 15 "$OUT/pytest_gpu.log"
 
 # 1. The issue's second GPU target: batch 64, dynamic padding, >= 30% of the bf16 matmul peak
-#    (measured first, from CUDA graphs, at the model's shapes). SST-2's examples are 13 tokens on
-#    average and 6 in 100,000 are longer than 64, so --max-length 64 (both sides) and buckets
-#    16,32,64 keep the padding and the compiles few. The baseline runs first, so that a step cut
-#    short still has it; then the whole step captured (step-graph), then torch's reduce-overhead.
+#    (measured from CUDA graphs at the model's shapes, before the first side and after the last;
+#    % of peak takes the faster). SST-2's examples are 13 tokens on average and 6 in 100,000 are
+#    longer than 64, so --max-length 64 (both sides) and buckets 16,32,64 keep the padding and the
+#    compiles few. The baseline runs first, so that a step cut short still has it; then the whole
+#    step captured (step-graph), then torch's reduce-overhead.
 step roberta_b64_dynamic 270 train --device cuda --model roberta-base --task sst2 --max-train-samples 16384 \
   --batch-size 64 --max-length 64 --length-buckets 16,32,64 --repeats 1 \
   --sides peft@bf16,lorafit@bf16+step_graph,lorafit@bf16+compile

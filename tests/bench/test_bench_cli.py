@@ -48,13 +48,18 @@ def test_train_bench_runs_both_sides_and_computes_the_ratio(tmp_path, capsys):
     assert main(["bench", "train", *TINY, "--sides", "lorafit@fp32,peft@fp32", "--output", str(out),
                  "--plot", str(tmp_path / "plot.png")]) == 0
     records = _records(out)
-    (peak,) = [r for r in records if r["kind"] == "peak"]
+    # The peak is measured before the first round and after the last.
+    at = {kind: [i for i, r in enumerate(records) if r["kind"] == kind] for kind in ("peak", "measurement")}
+    assert at["peak"][0] < min(at["measurement"]) and at["peak"][1] > max(at["measurement"])
+    peaks = [r for r in records if r["kind"] == "peak"]
+    assert [p["when"] for p in peaks] == ["start", "end"]
     # bf16 only where the CPU multiplies it: emulated, one 2048-square product takes seconds.
     native = cpu_has_bf16_matmul()
-    assert {p["dtype"] for p in peak["peaks"]} == ({"fp32", "bf16"} if native else {"fp32"})
-    assert "model" in {p["shape"] for p in peak["peaks"]}
-    assert peak["not_measured"] == ({} if native else {"bf16": "emulated on this CPU (no AMX or AVX-512 BF16)"})
-    assert peak["flops_per_token"]["lora"] > 0
+    for peak in peaks:
+        assert {p["dtype"] for p in peak["peaks"]} == ({"fp32", "bf16"} if native else {"fp32"})
+        assert "model" in {p["shape"] for p in peak["peaks"]}
+        assert peak["not_measured"] == ({} if native else {"bf16": "emulated on this CPU (no AMX or AVX-512 BF16)"})
+        assert peak["flops_per_token"]["lora"] > 0
     runs = [r for r in records if r["kind"] == "measurement"]
     assert [r["side"] for r in runs] == ["lorafit@fp32", "peft@fp32"]
     for r in runs:
@@ -74,12 +79,16 @@ def test_train_bench_runs_both_sides_and_computes_the_ratio(tmp_path, capsys):
     assert ratio["dev_metric_difference"] == pytest.approx(runs[0]["dev_metric"] - runs[1]["dev_metric"])
     mine = next(r for r in records if r["kind"] == "summary" and r["side"] == "lorafit@fp32")
     assert mine["percent_of_peak"] > 0
+    fastest = max(q["gflops"] for p in peaks for q in p["peaks"] if q["dtype"] == "fp32" and q["shape"] == "model")
+    assert mine["peak_gflops"] == fastest
     printed = capsys.readouterr().out
-    assert "lorafit@fp32 = " in printed and "matmul peak" in printed
+    assert "lorafit@fp32 = " in printed and "matmul peak (GFLOP/s) (at the start)" in printed
+    assert "matmul peak (GFLOP/s) (at the end)" in printed
     assert ("bf16 not measured: emulated on this CPU" in printed) != native and (tmp_path / "plot.png").stat().st_size > 0
     # The table can be rebuilt from the file alone.
     assert main(["bench", "--from", str(out)]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == printed.splitlines()[3]
+    table = printed.split("measuring the matmul peak again ...\n")[1]  # after the progress lines
+    assert capsys.readouterr().out.splitlines()[0] == table.splitlines()[0]
 
 
 def test_bad_bench_input_is_one_line_and_exit_2(tmp_path, capsys):
@@ -215,7 +224,9 @@ def test_a_failed_peak_measurement_costs_the_percent_of_peak_only(tmp_path, monk
     monkeypatch.setattr(runner, "run_worker", peak_dies)
     out = tmp_path / "bench.jsonl"
     assert main(["bench", "train", *TINY, "--sides", "lorafit@fp32", "--output", str(out)]) == 0
-    assert "no % of peak: RuntimeError: CUDA graph capture failed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "the matmul peak (start) was not measured: RuntimeError: CUDA graph capture failed" in printed
+    assert "the matmul peak (end) was not measured: RuntimeError: CUDA graph capture failed" in printed
     kept = _records(out)
     assert not any(r["kind"] == "peak" for r in kept)
     (summary,) = [r for r in kept if r["kind"] == "summary"]

@@ -159,6 +159,13 @@ def test_summary_takes_medians_and_the_ratio_against_the_best_baseline():
         cut = next(r for r in summarize(records) if r["kind"] == "summary" and r["side"] == "lorafit")
         assert cut["achieved_gflops"] == pytest.approx(((1_000_000 - once) * 5_500 + once * 110) / 1e9), extent
     assert ratio["dev_metric_difference"] == pytest.approx(0.02)
+    # A second peak (the run's end) at a faster moment of the machine: % of peak divides by the faster.
+    later = {**records[-1], "when": "end", "peaks": [{"dtype": "fp32", "shape": "model", "gflops": 20.0}]}
+    for r in records:
+        r.pop("speed", None)
+    both = next(r for r in summarize([*records, later]) if r["kind"] == "summary" and r["side"] == "lorafit")
+    assert both["peak_gflops"] == 20.0 and both["percent_of_peak"] == pytest.approx(27.5)
+    assert "matmul peak (GFLOP/s) (at the end): fp32 model 20" in format_table([*records, later])
     table = format_table(records)
     # A side without @PRECISION (lorafit's default is auto) shows what it resolved to.
     assert table.splitlines()[0].startswith("mrpc minilm cpu: lorafit (fp32) = 2.62x peft@bf16")

@@ -65,20 +65,22 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def _peak_for(peaks: list[dict[str, Any]], precision: str) -> float | None:
+    """The fastest matmul rate at the model's shapes in ``precision`` over a run's peak records
+    (one measured before its first round, one after its last)."""
     dtype = "bf16" if precision == "bf16" else "fp16" if precision == "fp16" else "fp32"
-    found = [p["gflops"] for p in peaks if p["dtype"] == dtype and p["shape"] == "model"]
-    return found[0] if found else None
+    found = [q["gflops"] for p in peaks for q in p["peaks"] if q["dtype"] == dtype and q["shape"] == "model"]
+    return max(found) if found else None
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Summary records (``kind: summary`` per side, ``kind: ratio`` per comparison)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    peaks: dict[tuple, dict[str, Any]] = {}
+    peaks: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         if r.get("kind") == "measurement":
             groups[(*_key(r), r["mode"], r["side"], r.get("variant"))].append(r)
         elif r.get("kind") == "peak":
-            peaks[_key(r)] = r
+            peaks[_key(r)].append(r)
     out = []
     for (task, model, device, _, mode, side, variant), rows in groups.items():
         fields = TRAIN_FIELDS if mode == "train" else INFER_FIELDS if mode == "infer" else ("peak_memory_gib",)
@@ -93,9 +95,9 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         peak = peaks.get(_key(rows[0]))
         # The FLOP count is plain LoRA's: a variant's extra work (DoRA's weight norm) is not in it.
         if mode == "train" and peak and rows[0]["impl"] == "lorafit" and not Side.parse(side).variant:
-            flops = _lora_flops_per_second(peak["flops_per_token"], rows[0].get("speed") or {}, summary)
+            flops = _lora_flops_per_second(peak[0]["flops_per_token"], rows[0].get("speed") or {}, summary)
             summary["achieved_gflops"] = flops / 1e9
-            top = _peak_for(peak["peaks"], summary["precision"] or "fp32")
+            top = _peak_for(peak, summary["precision"] or "fp32")
             summary["peak_gflops"] = top
             summary["percent_of_peak"] = 100 * flops / 1e9 / top if top else None
         out.append(summary)
@@ -264,7 +266,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
             lines.append(f"{r['heading']}:" if "heading" in r else f"{r['variant']:<8} {_cell(r['peak_memory_gib'], '{:.3f}'):>10}")
     peaks = [r for r in records if r.get("kind") == "peak"]
     for p in peaks:
-        at = f" ({wheres[_key(p)]})" if len(peaks) > 1 and _key(p) in wheres else ""
+        at = ", ".join(([wheres[_key(p)]] if len({_key(q) for q in peaks}) > 1 and _key(p) in wheres else [])
+                       + ([f"at the {p['when']}"] if "when" in p else []))
+        at = f" ({at})" if at else ""
         lines += ["", f"matmul peak (GFLOP/s){at}: " + ", ".join(f"{q['dtype']} {q['shape']} {q['gflops']:.0f}"
                                                                  for q in p["peaks"])
                   + "".join(f"; {d} not measured: {why}" for d, why in p.get("not_measured", {}).items())]
