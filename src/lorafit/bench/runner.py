@@ -122,9 +122,10 @@ def run_bench(
     work = dataclasses.replace(work, threads=threads)
     settings = work.as_dict()
     records: list[dict[str, Any]] = []
-    peak_spec = {**_spec("peak", work, next((s for s in sides if s.impl == "lorafit"), Side("lorafit"))),
-                 "budget": peak_seconds}
+    peak_spec = None
     if mode == "train" and measure_peak:
+        peak_spec = {**_spec("peak", work, next((s for s in sides if s.impl == "lorafit"), Side("lorafit"))),
+                     "budget": peak_seconds}
         say("measuring the matmul peak and the FLOP count ...")
         records += _peak_record(peak_spec, threads, "start", settings, say)
     plan = schedule(mode, sides)
@@ -147,7 +148,7 @@ def run_bench(
                     f"({time.perf_counter() - started:.0f} s wall)")
             if save is not None:
                 save(records + summarize(records))
-    if mode == "train" and measure_peak:
+    if peak_spec is not None:
         # A VM's speed drifts by tens of percent within a run: a peak taken at a slow moment makes
         # every side look closer to the hardware than it is. "% of peak" uses the faster of the two.
         say("measuring the matmul peak again ...")

@@ -265,10 +265,11 @@ def format_table(records: list[dict[str, Any]]) -> str:
         for r in grouped("memory"):
             lines.append(f"{r['heading']}:" if "heading" in r else f"{r['variant']:<8} {_cell(r['peak_memory_gib'], '{:.3f}'):>10}")
     peaks = [r for r in records if r.get("kind") == "peak"]
+    several = len({_key(p) for p in peaks}) > 1
     for p in peaks:
-        at = ", ".join(([wheres[_key(p)]] if len({_key(q) for q in peaks}) > 1 and _key(p) in wheres else [])
-                       + ([f"at the {p['when']}"] if "when" in p else []))
-        at = f" ({at})" if at else ""
+        notes = [wheres[_key(p)]] if several and _key(p) in wheres else []
+        notes += [f"at the {p['when']}"] if "when" in p else []  # records since 2026-12-07
+        at = f" ({', '.join(notes)})" if notes else ""
         lines += ["", f"matmul peak (GFLOP/s){at}: " + ", ".join(f"{q['dtype']} {q['shape']} {q['gflops']:.0f}"
                                                                  for q in p["peaks"])
                   + "".join(f"; {d} not measured: {why}" for d, why in p.get("not_measured", {}).items())]
