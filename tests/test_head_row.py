@@ -134,13 +134,18 @@ def test_models_whose_last_layer_it_cannot_cut_are_left_as_they_are(kind, config
 
 
 def test_a_training_run_with_it_learns_what_the_full_layer_learns(tiny_run):
-    """Three steps: the same losses to rounding, and weights apart by a sliver of how far they moved."""
+    """Three steps: the same losses to rounding, and weights apart by a sliver of how far they moved.
+
+    In fp32 on every CPU (``auto`` picks bf16 where the CPU multiplies it): these tolerances are
+    fp32's rounding. In bf16 the products round at 2^-8, and three Adam steps leave the weights
+    about 5% of their movement apart, as one thread instead of two leaves them 3% apart (AMX,
+    2026-12-07); the bf16 runs' dev accuracies are in docs/performance.md."""
     import json
 
     from lorafit.train import train
 
-    runs = {on: tiny_run(f"cls-{on}", cls_only_last_layer=on, max_steps=3, eval_steps=3, log_steps=1)
-            for on in (True, False)}
+    runs = {on: tiny_run(f"cls-{on}", cls_only_last_layer=on, max_steps=3, eval_steps=3, log_steps=1,
+                         precision="fp32") for on in (True, False)}
     summaries = {on: train(cfg) for on, cfg in runs.items()}
     assert summaries[True]["speed"]["cls_only_last_layer"] == "query"  # the embedded BERT, on a CPU
     assert summaries[False]["speed"]["cls_only_last_layer"] is False
