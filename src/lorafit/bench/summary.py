@@ -92,6 +92,8 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [r[f] for r in rows if r.get(f) is not None]
             if values:
                 summary[f] = _stats(values)
+        if mode == "train" and (rounds := _rounds(rows)):
+            summary["rounds"] = rounds
         peak = peaks.get(_key(rows[0]))
         # The FLOP count is plain LoRA's: a variant's extra work (DoRA's weight norm) is not in it.
         if mode == "train" and peak and rows[0]["impl"] == "lorafit" and not Side.parse(side).variant:
@@ -102,6 +104,15 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             summary["percent_of_peak"] = 100 * flops / 1e9 / top if top else None
         out.append(summary)
     return out + _ratios(out)
+
+
+def _rounds(rows: list[dict[str, Any]]) -> list[list[float]] | None:
+    """``[repeat, examples/s]`` of each round, or None where a repeat occurs twice (the files of
+    several runs read together), whose rounds cannot be paired."""
+    repeats = [r.get("repeat") for r in rows]
+    if None in repeats or len(set(repeats)) < len(repeats):
+        return None
+    return [[r["repeat"], r["examples_per_second"]] for r in rows]
 
 
 def _lora_flops_per_second(counts: dict[str, Any], speed: dict[str, Any], summary: dict[str, Any]) -> float:
@@ -166,9 +177,17 @@ def _ratios(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _train_ratio(base: dict[str, Any], side: dict[str, Any], against: dict[str, Any]) -> dict[str, Any]:
-    return {**base, "side": side["side"], "against": against["side"],
-            "speedup": side["examples_per_second"]["median"] / against["examples_per_second"]["median"],
-            "dev_metric_difference": side["dev_metric"]["median"] - against["dev_metric"]["median"]}
+    ratio = {**base, "side": side["side"], "against": against["side"],
+             "speedup": side["examples_per_second"]["median"] / against["examples_per_second"]["median"],
+             "dev_metric_difference": side["dev_metric"]["median"] - against["dev_metric"]["median"]}
+    # Round k of both sides ran minutes apart, so their ratio is the least touched by a VM whose
+    # speed drifts over a run; the ratio of medians can pair a fast round with a slow one.
+    theirs = dict(against.get("rounds") or [])
+    paired = [mine / theirs[k] for k, mine in side.get("rounds") or [] if k in theirs]
+    if paired:
+        ratio["round_speedups"] = paired
+        ratio["paired_speedup"] = statistics.median(paired)
+    return ratio
 
 
 def _resolved(summary: dict[str, Any]) -> str:
@@ -211,7 +230,10 @@ def format_table(records: list[dict[str, Any]]) -> str:
         where = wheres[key]
         if r["mode"] == "train":
             side, against = (labels.get((*key, s), s) for s in (r["side"], r["against"]))
-            lines.append(f"{where}: {side} = {r['speedup']:.2f}x {against} (examples/s, medians); "
+            rounds = r.get("round_speedups") or []
+            paired = (f"; round by round {min(rounds):.2f}-{max(rounds):.2f}x, median {r['paired_speedup']:.2f}x"
+                      if len(rounds) > 1 else "")
+            lines.append(f"{where}: {side} = {r['speedup']:.2f}x {against} (examples/s, medians{paired}); "
                          f"dev metric {100 * r['dev_metric_difference']:+.2f} pt")
         elif r["mode"] == "infer":
             label = infer_names.get((*key, r["infer_side"])) if len(infer_sides) > 1 else one_precision
