@@ -230,6 +230,26 @@ def test_the_entry_point_lists_every_command():
         assert command in result.stdout
 
 
+def test_a_reader_that_stops_early_gets_no_error_message():
+    # `lorafit recipes | head -0`: the reader is gone before the first write.
+    proc = subprocess.Popen([sys.executable, "-m", "lorafit.cli", "recipes"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err) == (1, "")
+
+
+def test_a_broken_pipe_other_than_stdout_is_still_reported(monkeypatch, capsys):
+    import lorafit.cli
+
+    def worker_gone(args):  # a pipe to another process closed, while stdout is fine
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(lorafit.cli, "cmd_recipes", worker_gone)
+    assert main(["recipes"]) == 2
+    assert capsys.readouterr().err == "lorafit: error: Broken pipe\n"
+
+
 def test_data_stats_prints_sizes_and_lengths(capsys):
     assert main(["data", "stats", "rte"]) == 0
     out = capsys.readouterr().out

@@ -320,13 +320,17 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:  # --help (0) or a bad flag (2, its message already printed)
             return e.code if isinstance(e.code, int) else 2
         args.process_entry = argv_given is None  # this process is the command: it may start itself again
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader gone (`| head`) shows here rather than at exit, past this handler
+        return code
     except LorafitError as e:
         if debug:
             raise
         print(f"lorafit: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a file or folder the system refused: bad input too, named by its path
+        if isinstance(e, BrokenPipeError) and _stdout_gone():
+            return 1  # as other command-line tools, nothing to say: the reader asked for no more
         if debug:
             raise
         where = f"{e.filename}: " if e.filename else ""
@@ -335,6 +339,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lorafit: interrupted (the last checkpoint is kept; continue with --resume)", file=sys.stderr)
         return 130
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout's reader has gone (``lorafit bench --from ... | head``); if so, stdout is
+    pointed at /dev/null, so that Python's own flush at exit has nothing to complain about. A
+    broken pipe of anything else (a worker's) leaves stdout as it is, and is reported."""
+    import select
+
+    try:  # a pipe whose reader has closed polls as an error (not on Windows: reported there)
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return gone
 
 
 def _one_line(text: str) -> str:
