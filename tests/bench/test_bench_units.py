@@ -153,9 +153,13 @@ def test_summary_takes_medians_and_the_ratio_against_the_best_baseline():
     assert ratio["round_speedups"] == pytest.approx([100 / 40, 120 / 44])
     assert ratio["paired_speedup"] == pytest.approx((100 / 40 + 120 / 44) / 2)
     assert "(examples/s, medians; round by round 2.50-2.73x, median 2.61x)" in format_table(records)
-    # Two runs' files read together repeat their round numbers: those rounds cannot be paired.
+    # Two runs' files read together repeat their round numbers: those rounds cannot be paired,
+    # unless the runs trained other seeds (--vary-seed --seed 5 after --seed 0).
     (twice,) = [r for r in summarize(records + records) if r["kind"] == "ratio"]
     assert twice["speedup"] == pytest.approx(110 / 42) and "round_speedups" not in twice
+    later = [_at(r, seed=5 + r["repeat"]) if r["kind"] == "measurement" else r for r in records]
+    (both,) = [r for r in summarize(records + later) if r["kind"] == "ratio"]
+    assert both["round_speedups"] == pytest.approx([100 / 40, 120 / 44] * 2)
     # A last layer cut to its first row computed those products once an example, not once a token.
     for extent, once in (("query", 300_000), ("past_attention", 200_000), (True, 300_000), (False, 0)):
         for r in records:

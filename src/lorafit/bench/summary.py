@@ -106,13 +106,14 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out + _ratios(out)
 
 
-def _rounds(rows: list[dict[str, Any]]) -> list[list[float]] | None:
-    """``[repeat, examples/s]`` of each round, or None where a repeat occurs twice (the files of
-    several runs read together), whose rounds cannot be paired."""
-    repeats = [r.get("repeat") for r in rows]
-    if None in repeats or len(set(repeats)) < len(repeats):
+def _rounds(rows: list[dict[str, Any]]) -> list[list[Any]] | None:
+    """``[round, examples/s]`` of each round, a round named by its repeat and seed (so that runs of
+    other seeds read together keep theirs apart), or None where one occurs twice (two runs of the
+    same seeds read together), whose rounds cannot be paired."""
+    rounds = [f"{r.get('repeat')}/{r['settings'].get('seed')}" for r in rows]
+    if len(set(rounds)) < len(rounds):
         return None
-    return [[r["repeat"], r["examples_per_second"]] for r in rows]
+    return [[k, r["examples_per_second"]] for k, r in zip(rounds, rows)]
 
 
 def _lora_flops_per_second(counts: dict[str, Any], speed: dict[str, Any], summary: dict[str, Any]) -> float:
