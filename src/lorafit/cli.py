@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lorafit.errors import LorafitError, show_warnings_on_one_line
+from lorafit.errors import LorafitError, one_line, show_warnings_on_one_line, stdout_reader_gone
 from lorafit.flags import add_dataclass_arguments
 
 if TYPE_CHECKING:
@@ -326,41 +326,19 @@ def main(argv: list[str] | None = None) -> int:
     except LorafitError as e:
         if debug:
             raise
-        print(f"lorafit: error: {_one_line(str(e))}", file=sys.stderr)
+        print(f"lorafit: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a file or folder the system refused: bad input too, named by its path
-        if isinstance(e, BrokenPipeError) and _stdout_gone():
+        if isinstance(e, BrokenPipeError) and stdout_reader_gone():
             return 1  # as other command-line tools, nothing to say: the reader asked for no more
         if debug:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"lorafit: error: {where}{_one_line(e.strerror or str(e))}", file=sys.stderr)
+        print(f"lorafit: error: {where}{one_line(e.strerror or str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lorafit: interrupted (the last checkpoint is kept; continue with --resume)", file=sys.stderr)
         return 130
-
-
-def _stdout_gone() -> bool:
-    """Whether stdout's reader has gone (``lorafit bench --from ... | head``); if so, stdout is
-    pointed at /dev/null, so that Python's own flush at exit has nothing to complain about. A
-    broken pipe of anything else (a worker's) leaves stdout as it is, and is reported."""
-    import select
-
-    try:  # a pipe whose reader has closed polls as an error (not on Windows: reported there)
-        fd = sys.stdout.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT)
-        gone = any(events & select.POLLERR for _, events in poller.poll(0))
-    except (AttributeError, OSError, ValueError):
-        return False
-    if gone:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
-    return gone
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":

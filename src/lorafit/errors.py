@@ -3,8 +3,10 @@
 Anything raised as :class:`LorafitError` is bad input (a flag, a file, a config field). The CLI
 prints its message on one line and exits with code 2; every other exception is a bug and keeps
 its traceback. A :class:`LorafitWarning` is printed on one line too, and the command goes on.
+A reader of the CLI's output that stops early (``| head``) is not an error at all.
 """
 
+import os
 import sys
 import warnings
 
@@ -32,9 +34,32 @@ def show_warnings_on_one_line() -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):  # warnings.showwarning's signature
         if issubclass(category, LorafitWarning):
-            print(f"lorafit: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+            print(f"lorafit: warning: {one_line(str(message))}", file=file or sys.stderr)
         else:
             shown(message, category, filename, lineno, file, line)
 
     show.lorafit = True
     warnings.showwarning = show
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks and runs of spaces as single spaces."""
+    return " ".join(text.split())
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout's reader has gone (``lorafit bench --from ... | head``); if so, stdout is
+    pointed at /dev/null, so that Python's own flush at exit has nothing to complain about. A
+    broken pipe of anything else (a worker's) leaves stdout as it is, and is reported."""
+    import select
+
+    try:  # a pipe whose reader has closed polls as an error (not on Windows: reported there)
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return gone
