@@ -15,7 +15,9 @@ Here every variant shares one process, so such a change can be seen. Variants: `
 ``unmerged`` (``LoRALinear`` as it is); ``unmerged-again`` (a second copy of it: the difference
 between the two is what the harness cannot resolve); with ``--compare-layer FILE``, ``unmerged-compared``,
 whose LoRA layers run the methods of the ``LoRALinear`` in FILE (another checkout's
-``lorafit/lora/layer.py``). Each input runs through the variants in a random order.
+``lorafit/lora/layer.py``; repeat the flag for more); with ``--floor``, ``unmerged-floor``, the
+four operators of an exact layer and nothing else, the least any exact layer can cost. Each input
+runs through the variants in a random order.
 The unmerged variants' logits must agree to the bit; the script stops if they do not.
 """
 
@@ -30,6 +32,7 @@ import types
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from lorafit.bench import worker
 from lorafit.bench.env import environment
@@ -58,12 +61,34 @@ def _with_layer_from(model: torch.nn.Module, path: str) -> torch.nn.Module:
     return model
 
 
+def _floor(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy whose LoRA layers run the frozen product, the two rank-8 products and the add, and
+    nothing else: no check, no lookup, no second module call. No exact layer can do less, so its
+    overhead is the floor of any change to ``LoRALinear``'s evaluation path."""
+    model = copy.deepcopy(model)
+    for layer in model.modules():
+        if isinstance(layer, LoRALinear):
+            kept = layer._kept_operands()
+            if kept.scaled_b is None:
+                raise SystemExit("--floor needs a scale that folds into B (a power of two, 1 or more)")
+
+            def forward(x, w=kept.weight, bias=kept.base.bias, a=kept.weight_a, scaled_b=kept.scaled_b):
+                x = x.to(a.dtype)
+                return F.linear(x, w, bias).add_(F.linear(F.linear(x, a), scaled_b))
+
+            layer.forward = forward
+    return model
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--calls", type=int, default=300, help="timed inputs (each through every variant)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--compare-layer", help="another checkout's lorafit/lora/layer.py")
+    p.add_argument("--compare-layer", action="append", default=[],
+                   help="another checkout's lorafit/lora/layer.py (repeatable: unmerged-compared, -compared-2, ...)")
+    p.add_argument("--floor", action="store_true",
+                   help="add unmerged-floor: the layer's four operators and nothing else (see _floor)")
     p.add_argument("--order", choices=("random", "rotate"), default="random",
                    help="each input's order of the variants: random, or rotating by one (each follows the same other)")
     args = p.parse_args()
@@ -78,8 +103,10 @@ def main() -> None:
     # memory came to be laid out (a copy and the model it was made from measured alike here).
     models = {"base": copy.deepcopy(built["base"]), "unmerged": copy.deepcopy(built["unmerged"]),
               "unmerged-again": copy.deepcopy(built["unmerged"])}
-    if args.compare_layer:
-        models["unmerged-compared"] = _with_layer_from(built["unmerged"], args.compare_layer)
+    for k, path in enumerate(args.compare_layer, start=1):
+        models["unmerged-compared" + (f"-{k}" if k > 1 else "")] = _with_layer_from(built["unmerged"], path)
+    if args.floor:
+        models["unmerged-floor"] = _floor(built["unmerged"])
     del built
 
     variants = list(models)
