@@ -53,7 +53,7 @@ def _with_layer_from(model: torch.nn.Module, path: str) -> torch.nn.Module:
     for layer in model.modules():
         if isinstance(layer, LoRALinear):
             for name, value in state.items():
-                if name not in vars(layer):
+                if name not in vars(layer) and not hasattr(type(layer), name):  # (a property here: keep its value)
                     setattr(layer, name, copy.copy(value))
             for name, value in vars(other).items():
                 if callable(value) and not name.startswith("__"):
@@ -62,19 +62,19 @@ def _with_layer_from(model: torch.nn.Module, path: str) -> torch.nn.Module:
 
 
 def _floor(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy whose LoRA layers run the frozen product, the two rank-8 products and the add, and
-    nothing else: no check, no lookup, no second module call. No exact layer can do less, so its
-    overhead is the floor of any change to ``LoRALinear``'s evaluation path."""
+    """A copy whose LoRA layers run the frozen product, the two rank-8 products and the add (the
+    scale as its alpha), and nothing else: no check, no lookup, no second module call. No exact
+    layer can do less, so its overhead is the floor of any change to ``LoRALinear``'s evaluation path."""
     model = copy.deepcopy(model)
     for layer in model.modules():
         if isinstance(layer, LoRALinear):
-            kept = layer._kept_operands()
-            if kept.scaled_b is None:
-                raise SystemExit("--floor needs a scale that folds into B (a power of two, 1 or more)")
+            if not layer._scaling_is_exact:
+                raise SystemExit("--floor needs a scale that is a power of two, 1 or more")
 
-            def forward(x, w=kept.weight, bias=kept.base.bias, a=kept.weight_a, scaled_b=kept.scaled_b):
+            def forward(x, w=layer.base_layer.weight, bias=layer.base_layer.bias, a=layer.lora_A.weight,
+                        b=layer.lora_B.weight, scale=layer.scaling):
                 x = x.to(a.dtype)
-                return F.linear(x, w, bias).add_(F.linear(F.linear(x, a), scaled_b))
+                return F.linear(x, w, bias).add_(F.linear(F.linear(x, a), b), alpha=scale)
 
             layer.forward = forward
     return model

@@ -233,7 +233,7 @@ def _both_paths(layer: LoRALinear, x: torch.Tensor, precision: str) -> tuple[tor
 @pytest.mark.parametrize("precision", list(_PRECISIONS))
 @pytest.mark.parametrize(("r", "alpha", "use_rslora"), [(4, 8.0, False), (4, 4.0, False), (4, 2.0, False), (4, 6.0, False), (4, 8.0, True)])
 def test_inference_path_gives_the_general_paths_bits(precision, r, alpha, use_rslora):
-    # Scales 2 and 4 (rsLoRA; folded into B), 1, and 0.5 and 1.5 (multiplied after the product).
+    # Scales 2 and 4 (rsLoRA; the in-place add's alpha), 1, and 0.5 and 1.5 (multiplied after the product).
     layer = _held(_nonzero_b(_layer(64, 48, r=r, alpha=alpha, use_rslora=use_rslora)), precision)
     x = torch.randn(3, 7, 64)
     general, short = _both_paths(layer, x, precision)
@@ -244,8 +244,7 @@ def test_inference_path_gives_the_general_paths_bits(precision, r, alpha, use_rs
 @pytest.mark.parametrize("precision", ["fp32", "autocast, all held bf16"])
 @pytest.mark.parametrize("name", ["base_layer.weight", "base_layer.bias", "lora_A.weight", "lora_B.weight"])
 def test_inference_path_follows_changes_to_the_weights(precision, name):
-    # What the path keeps between calls (the scaled B, the weights it reads) must not outlive a
-    # change to a weight.
+    # The path reads the weights at every call: a change to one, however made, must show.
     layer = _held(_nonzero_b(_layer(64, 48, r=4, alpha=8.0)), precision)
     module_name, param_name = name.split(".")
     module = layer.get_submodule(module_name)
@@ -266,16 +265,31 @@ def test_inference_path_follows_changes_to_the_weights(precision, name):
     assert torch.equal(short, general)
 
 
-def test_training_drops_what_evaluation_kept():
-    # Evaluation keeps a scaled copy of B and holds the memory of the weights it was made from
-    # (so that no other tensor gets their address): neither is needed while training.
-    layer = _held(_nonzero_b(_layer(64, 48, r=4, alpha=8.0)), "autocast, all held bf16")
-    _both_paths(layer, torch.randn(2, 5, 64), "autocast, all held bf16")
-    assert layer._kept is not None and layer._kept.scaled_b is not None
-    layer.eval()
-    assert layer._kept is not None
-    layer.train()
-    assert layer._kept is None
+@pytest.mark.parametrize("precision", ["fp32", "autocast, all held bf16"])
+def test_inference_path_sees_a_change_through_data(precision):
+    # A change through `.data` bumps no version counter that a kept copy of B could watch (the
+    # shorter path once kept a scaled B and missed it); the path reads B at every call.
+    layer = _held(_nonzero_b(_layer(64, 48, r=4, alpha=8.0)), precision)
+    x = torch.randn(2, 5, 64)
+    first, _ = _both_paths(layer, x, precision)
+    layer.lora_B.weight.data.mul_(-2)
+    general, short = _both_paths(layer, x, precision)
+    assert not torch.equal(general, first) and torch.equal(short, general)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "autocast, all held bf16"])
+def test_inference_path_follows_a_changed_scale(precision):
+    # Whether the scale goes in as the add's alpha is worked out when the scale is set: a scale
+    # set after the layer was built (as PEFT's set_scale does) must be followed, either way.
+    layer = _held(_nonzero_b(_layer(64, 48, r=4, alpha=8.0)), precision)
+    x = torch.randn(2, 5, 64)
+    outputs = []
+    for scale in (2.0, 1.5, 4.0, 0.5):
+        layer.scaling = scale
+        general, short = _both_paths(layer, x, precision)
+        assert torch.equal(short, general)
+        outputs.append(short)
+    assert not any(torch.equal(outputs[0], other) for other in outputs[1:])
 
 
 def test_inference_path_runs_the_frozen_layers_hooks():
@@ -332,8 +346,9 @@ def test_inference_path_traces_into_one_graph():
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_inference_path_keeps_fp16_bits_where_outputs_are_subnormal(autocast):
-    # Twice a subnormal fp16 product does not round as twice its rounding, so the scale of 2 is
-    # applied after the product in fp16 (held in fp16, or cast there by fp16 autocast).
+    # Twice a subnormal fp16 product does not round as twice its rounding, so the scale of 2 must
+    # act on the rounded branch, as the general path's multiply does (held in fp16, or cast there
+    # by fp16 autocast); the add's alpha does, where a scale folded into B would not.
     layer = _nonzero_b(_layer(64, 48, r=4, alpha=8.0)).eval()
     with torch.no_grad():
         layer.lora_B.weight.mul_(1e-5)  # branch outputs around 1e-5: fp16 subnormals start at 6.1e-5

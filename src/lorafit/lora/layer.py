@@ -20,32 +20,16 @@ state-dict keys map one to one onto PEFT's adapter files.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class _KeptOperands(NamedTuple):
-    base: nn.Linear
-    weight: torch.Tensor  # the frozen weight, A and B: the Parameters the layer held
-    weight_a: torch.Tensor
-    weight_b: torch.Tensor
-    scaling: float
-    device_type: str
-    b_state: tuple[int, int] | None  # B's version and data pointer when scaled_b was made
-    b_memory: torch.Tensor | None  # B's memory then, held so that no other tensor gets its address
-    scaled_b: torch.Tensor | None  # scaling * B, or None where that product is not exact
-
-
-def _branch_output(hidden: torch.Tensor, kept: _KeptOperands, scaling: float) -> torch.Tensor:
-    """``scaling * B hidden``, with the scale folded into ``B`` where that is exact."""
-    # In fp16 the fold is not exact: a product small enough to be subnormal there rounds
-    # differently at twice its size. bf16 and fp32 reach 2^-126 before that happens.
-    if kept.scaled_b is None or hidden.dtype == torch.float16:
-        return F.linear(hidden, kept.weight_b).mul_(scaling)
-    return F.linear(hidden, kept.scaled_b)
+def _exact_multiplier(scale: float) -> bool:
+    """Whether multiplying by ``scale`` is exact in every floating dtype (a power of two, 1 or more;
+    a smaller one would lose the low bits of a subnormal)."""
+    return math.frexp(scale)[0] == 0.5 and scale >= 1
 
 
 class LoRALinear(nn.Module):
@@ -92,7 +76,6 @@ class LoRALinear(nn.Module):
         if use_dora:
             self.lora_magnitude_vector = nn.Parameter(torch.ones(base_layer.out_features, **factory))
         self._dora_norm: torch.Tensor | None = None  # the norm merge() used, which unmerge() needs
-        self._kept: _KeptOperands | None = None  # see _kept_operands
         self.merged = False
         if init_lora_weights == "pissa":
             self._pissa_init()  # once: it changes the base weight
@@ -151,10 +134,15 @@ class LoRALinear(nn.Module):
     def _weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return torch.linalg.norm(weight + delta, dim=1)
 
-    def train(self, mode: bool = True) -> LoRALinear:
-        if mode:
-            self._kept = None  # what evaluation kept (a scaled B, B's old memory) is not needed in training
-        return super().train(mode)
+    @property
+    def scaling(self) -> float:
+        return self._scaling
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        self._scaling = value
+        # Read by every evaluation call, so worked out here, once per scale.
+        self._scaling_is_exact = _exact_multiplier(value)
 
     def adapter_params(self) -> list[str]:
         """Names (relative to this module) of the parameters that make up the adapter."""
@@ -180,58 +168,33 @@ class LoRALinear(nn.Module):
         """``forward`` in evaluation without autograd: the same bits in fewer operator calls.
 
         Unmerged inference at batch 1 is bound by the cost of each call, Python's included, not
-        by arithmetic (docs/performance/journal.md, "Inference in bf16"), so calls of the general
-        path go, and what replaces them is kept to a few attribute reads:
+        by arithmetic (docs/performance/journal.md, "Inference in bf16", "Unmerged bf16 inference
+        on AMX"), so calls of the general path go, and no state is kept that would need checking:
         * where autocast would cast the input of the frozen product to the dtype the layer and
           the factors are held in (``lorafit eval`` of a bf16 run), it is cast once here and
           shared with the branch: the same rounding;
-        * a scale that is a power of two, 1 or more, is folded into a copy of ``B``, where the
-          branch computes in bf16 or fp32: multiplying by it is exact there, so
-          ``x A^T (s B)^T`` equals ``s (x A^T B^T)`` (values below 2^-126, which a flush-to-zero
-          kernel drops, are the one exception; trained factors have none);
-        * the branch is added into the frozen product's output in place.
-        The scaled copy is kept until ``B`` changes: a new Parameter, new memory under it
-        (``.to()``, ``.data = ...``), or an in-place change, which PyTorch counts in the tensor's
-        version, except through ``.data`` (``B.data.mul_(2)`` goes unseen, as it does by autograd;
-        change weights under ``torch.no_grad()`` instead). Training takes none of this: the
-        gradients of a shared cast would be summed in the low precision, and a scaled copy of
-        ``B`` would need a gradient of its own.
+        * the branch is added into the frozen product's output in place, and a scale that is a
+          power of two, 1 or more, goes in as the add's ``alpha``: the kernel computes
+          ``result + s * branch`` in fp32 or wider and rounds once, and ``s * branch`` is exact
+          in every dtype, so that is the general path's ``result + round(s * branch)`` (up to an
+          overflow of ``s * branch`` itself, which is inf there).
+        Training takes none of this: the gradients of a shared cast would be summed in the low
+        precision.
         """
-        kept = self._kept_operands()
-        dtype = kept.weight_a.dtype
-        if x.dtype != dtype and kept.weight.dtype == dtype and torch.get_autocast_dtype(kept.device_type) == dtype:
-            x = x.to(dtype)  # (without autocast the frozen product would refuse x's dtype)
-        result = kept.base(x)
-        hidden = F.linear(x if x.dtype == dtype else x.to(dtype), kept.weight_a)
-        lora_out = _branch_output(hidden, kept, self.scaling)
-        return result.add_(lora_out if lora_out.dtype == result.dtype else lora_out.to(result.dtype))
-
-    def _kept_operands(self) -> _KeptOperands:
-        """The layer's weights, read straight from the parameter dicts (the usual lookups through
-        ``nn.Module.__getattr__`` cost a visible share of the branch at batch 1), and the scaled
-        copy of ``B``, kept until ``B`` changes."""
         modules = self._modules
         base = modules["base_layer"]
-        weight = base._parameters["weight"]
-        weight_a, weight_b = modules["lora_A"]._parameters["weight"], modules["lora_B"]._parameters["weight"]
-        if torch.compiler.is_compiling():
-            # The tracer cannot read data pointers; a compiled graph fuses the multiply anyway.
-            return _KeptOperands(base, weight, weight_a, weight_b, self.scaling, weight.device.type,
-                                 None, None, None)
-        kept = self._kept
-        # An in-place update bumps B's version; a ``.data`` swap (``.to()``) changes its pointer,
-        # since the memory the copy was made from is held and cannot be reused.
-        if (kept is not None and kept.base is base and kept.weight is weight and kept.weight_a is weight_a
-                and kept.weight_b is weight_b and kept.scaling == self.scaling
-                and kept.b_state == (weight_b._version, weight_b.data_ptr())):
-            return kept
-        kept = _KeptOperands(base, weight, weight_a, weight_b, self.scaling, weight.device.type, None, None, None)
-        if weight_b.is_inference():
-            return kept  # no version to watch, so nothing is kept
-        exact = math.frexp(self.scaling)[0] == 0.5 and self.scaling >= 1  # a power of two, 1 or more
-        self._kept = kept._replace(b_state=(weight_b._version, weight_b.data_ptr()), b_memory=weight_b.detach(),
-                                   scaled_b=weight_b.detach() * self.scaling if exact else None)
-        return self._kept
+        weight_a = modules["lora_A"]._parameters["weight"]
+        dtype = weight_a.dtype
+        # ("cpu" first: `x.device.type` builds a device object, about a point of the model's time at batch 1.)
+        if (x.dtype != dtype and base._parameters["weight"].dtype == dtype
+                and torch.get_autocast_dtype("cpu" if x.is_cpu else x.device.type) == dtype):
+            x = x.to(dtype)  # (without autocast the frozen product would refuse x's dtype)
+        result = base(x)
+        hidden = F.linear(x if x.dtype == dtype else x.to(dtype), weight_a)
+        lora_out = F.linear(hidden, modules["lora_B"]._parameters["weight"])
+        if self._scaling_is_exact and lora_out.dtype == result.dtype:
+            return result.add_(lora_out, alpha=self._scaling)
+        return result.add_(lora_out.mul_(self._scaling).to(result.dtype))
 
     def _dora_extra(self, lora_in: torch.Tensor, result: torch.Tensor, lora_out: torch.Tensor) -> torch.Tensor:
         """What DoRA adds to the base output: (m / ||W + s B A|| - 1) W x + m / ||W + s B A|| s B A x."""
