@@ -185,9 +185,10 @@ class LoRALinear(nn.Module):
         base = modules["base_layer"]
         weight_a = modules["lora_A"]._parameters["weight"]
         dtype = weight_a.dtype
-        # ("cpu" first: `x.device.type` builds a device object, about a point of the model's time at batch 1.)
-        if (x.dtype != dtype and base._parameters["weight"].dtype == dtype
-                and torch.get_autocast_dtype("cpu" if x.is_cpu else x.device.type) == dtype):
+        # (The device type from flags: `x.device.type` builds a device object, about a point of the
+        # model's time at batch 1 on a CPU.)
+        device_type = "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
+        if x.dtype != dtype and base._parameters["weight"].dtype == dtype and torch.get_autocast_dtype(device_type) == dtype:
             x = x.to(dtype)  # (without autocast the frozen product would refuse x's dtype)
         result = base(x)
         hidden = F.linear(x if x.dtype == dtype else x.to(dtype), weight_a)
