@@ -52,10 +52,11 @@ fi
 
 # 0. The captured whole step against the plain loop, on a tiny BERT (tests/test_step_graph.py):
 #    if this fails, the step-graph sides below are not to be trusted. And `lorafit eval` / `predict`
-#    on the GPU against the CPU (tests/test_inference.py).
+#    on the GPU against the CPU (tests/test_inference.py); LoRA's evaluation path against its general
+#    path on the GPU (tests/lora/test_layer.py).
 echo "== pytest -m gpu ($((SECONDS - start))s elapsed)"
 timeout -k 10 "$(limit_for 120)" python -m pytest -q -m gpu -p no:cacheprovider tests/test_step_graph.py \
-  tests/test_inference.py >"$OUT/pytest_gpu.log" 2>&1
+  tests/test_inference.py tests/lora/test_layer.py >"$OUT/pytest_gpu.log" 2>&1
 echo "   exit $? after $((SECONDS - start))s"; tail -n 15 "$OUT/pytest_gpu.log"
 
 # 1. The second GPU target: batch 64, dynamic padding, >= 30% of the bf16 matmul peak

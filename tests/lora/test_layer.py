@@ -223,7 +223,7 @@ def _held(layer: LoRALinear, precision: str) -> LoRALinear:
 
 def _both_paths(layer: LoRALinear, x: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     dtype = _PRECISIONS[precision][0]
-    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+    with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         general = layer(x)  # autograd on: the path training takes
         with torch.inference_mode():
             short = layer(x)
@@ -239,6 +239,16 @@ def test_inference_path_gives_the_general_paths_bits(precision, r, alpha, use_rs
     general, short = _both_paths(layer, x, precision)
     assert short.dtype == general.dtype
     assert torch.equal(short, general)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", list(_PRECISIONS))
+@pytest.mark.parametrize("alpha", [8.0, 6.0])
+def test_inference_path_gives_the_general_paths_bits_on_a_gpu(precision, alpha):
+    # On a GPU the path takes the device type from the tensor's flags and adds on cuBLAS's outputs.
+    layer = _held(_nonzero_b(_layer(64, 48, r=4, alpha=alpha)), precision).cuda()
+    general, short = _both_paths(layer, torch.randn(3, 7, 64, device="cuda"), precision)
+    assert short.device.type == "cuda" and torch.equal(short, general)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "autocast, all held bf16"])
