@@ -181,6 +181,8 @@ class LoRALinear(nn.Module):
         Training takes none of this: the gradients of a shared cast would be summed in the low
         precision.
         """
+        # Straight from the dicts: `self.lora_A.weight` goes through nn.Module.__getattr__ twice,
+        # a visible share of the branch at batch 1.
         modules = self._modules
         base = modules["base_layer"]
         weight_a = modules["lora_A"]._parameters["weight"]
