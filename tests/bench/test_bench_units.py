@@ -10,7 +10,13 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from lorafit.bench import env as env_module
 from lorafit.bench.env import environment, physical_cores
-from lorafit.bench.flops import first_row_flops_per_token, layer_shapes, linear_flops_per_token, matmul_peak
+from lorafit.bench.flops import (
+    first_row_flops_per_token,
+    layer_shapes,
+    linear_flops_per_token,
+    lora_flops,
+    matmul_peak,
+)
 from lorafit.bench.spec import Side
 from lorafit.bench.summary import format_table, summarize
 from lorafit.errors import LorafitError
@@ -95,6 +101,15 @@ def test_flop_count_matches_the_hand_count():
                                                               "query": 4 * d * d + 6 * r * (d + d)}
     torch_model.config.chunk_size_feed_forward = 4  # a layer it cannot cut counts nothing
     assert first_row_flops_per_token(torch_model, "lora") == {"past_attention": 0, "query": 0}
+
+
+def test_a_last_layer_cut_to_its_first_row_counts_its_cut_part_once_an_example():
+    first_row = {"past_attention": 30, "query": 5}
+    # 16 examples of 53 tokens: uncut, every token pays the whole count.
+    assert lora_flops(100, first_row, None, 848, 16) == 100 * 848
+    assert lora_flops(100, first_row, "past_attention", 848, 16) == 70 * 848 + 30 * 16
+    assert lora_flops(100, first_row, "query", 848, 16) == 65 * 848 + 35 * 16
+    assert lora_flops(100, {}, "query", 848, 16) == 100 * 848  # a model whose last layer is not cut
 
 
 def test_matmul_peak_reports_square_each_shape_and_the_mix():

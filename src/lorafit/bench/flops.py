@@ -59,6 +59,15 @@ def first_row_flops_per_token(model: nn.Module, method: str = "lora") -> dict[st
     return {"past_attention": past, "query": linear_flops_per_token(query, method) if query is not None else 0}
 
 
+def lora_flops(per_token: int, first_row: dict[str, int], extent: str | None, tokens: float, examples: float) -> float:
+    """LoRA training FLOPs of ``tokens`` tokens in ``examples`` examples (or per second, given rates):
+    :func:`linear_flops_per_token` per token, less what a last layer cut to its first row
+    computes once an example instead (``extent``: ``"past_attention"``, ``"query"`` where the
+    attention asked with the first token's query alone too, or None where nothing was cut)."""
+    once = first_row.get("past_attention", 0) + (first_row.get("query", 0) if extent == "query" else 0) if extent else 0
+    return (per_token - once) * tokens + once * examples
+
+
 def layer_shapes(model: nn.Module) -> dict[tuple[int, int], int]:
     """How often each (in, out) shape occurs among the encoder's per-token linear layers."""
     counts: dict[tuple[int, int], int] = {}
