@@ -13,7 +13,6 @@ from collections import defaultdict
 from typing import Any
 
 from lorafit.bench.env import cpu_name
-from lorafit.bench.flops import lora_flops
 from lorafit.bench.spec import Side
 
 TRAIN_FIELDS = ("examples_per_second", "tokens_per_second", "dev_metric", "peak_memory_gib", "train_seconds",
@@ -120,6 +119,10 @@ def _rounds(rows: list[dict[str, Any]]) -> list[list[Any]] | None:
 def _lora_flops_per_second(counts: dict[str, Any], speed: dict[str, Any], summary: dict[str, Any]) -> float:
     """LoRA training FLOP/s: the count per token times tokens/s, less what a last layer cut to its
     first row (``--cls-only-last-layer``) computed once an example instead of once a token."""
+    # (Imported here: flops imports torch, which `lorafit train` must not load before it starts
+    # again on tcmalloc, and the CLI imports this module.)
+    from lorafit.bench.flops import lora_flops
+
     extent = speed.get("cls_only_last_layer")
     if extent is True:  # the records of 2026-12-07 said only whether; the attention says how far
         extent = "query" if speed.get("attention") == "lorafit_vectorised_masks" else "past_attention"
