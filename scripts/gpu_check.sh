@@ -56,7 +56,7 @@ fi
 #    path on the GPU (tests/lora/test_layer.py).
 echo "== pytest -m gpu ($((SECONDS - start))s elapsed)"
 timeout -k 10 "$(limit_for 120)" python -m pytest -q -m gpu -p no:cacheprovider tests/test_step_graph.py \
-  tests/test_inference.py tests/lora/test_layer.py >"$OUT/pytest_gpu.log" 2>&1
+  tests/test_inference.py tests/lora/test_layer.py tests/lora/test_packed.py >"$OUT/pytest_gpu.log" 2>&1
 echo "   exit $? after $((SECONDS - start))s"; tail -n 15 "$OUT/pytest_gpu.log"
 
 # 1. The second GPU target: batch 64, dynamic padding, >= 30% of the bf16 matmul peak

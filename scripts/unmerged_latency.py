@@ -16,8 +16,9 @@ Here every variant shares one process, so such a change can be seen. Variants: `
 between the two is what the harness cannot resolve); with ``--compare-layer FILE``, ``unmerged-compared``,
 whose LoRA layers run the methods of the ``LoRALinear`` in FILE (another checkout's
 ``lorafit/lora/layer.py``; repeat the flag for more); with ``--floor``, ``unmerged-floor``, the
-four operators of an exact layer and nothing else, the least any exact layer can cost. Each input
-runs through the variants in a random order.
+four operators of an exact layer and nothing else, the least any exact layer can cost; with
+``--packed``, ``unmerged-packed``, the layers packed per attention block (``lorafit.lora.packed``).
+Each input runs through the variants in a random order.
 The unmerged variants' logits must agree to the bit; the script stops if they do not.
 """
 
@@ -39,7 +40,7 @@ from lorafit.bench.env import environment
 from lorafit.bench.spec import Workload
 from lorafit.data import collate
 from lorafit.inference import cast_linears_bf16
-from lorafit.lora import LoRALinear
+from lorafit.lora import LoRALinear, pack_lora
 
 
 def _with_layer_from(model: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -89,6 +90,8 @@ def main() -> None:
                    help="another checkout's lorafit/lora/layer.py (repeatable: unmerged-compared, -compared-2, ...)")
     p.add_argument("--floor", action="store_true",
                    help="add unmerged-floor: the layer's four operators and nothing else (see _floor)")
+    p.add_argument("--packed", action="store_true",
+                   help="add unmerged-packed: the layers packed per attention block, as `lorafit eval --unmerged` runs")
     p.add_argument("--order", choices=("random", "rotate"), default="random",
                    help="each input's order of the variants: random, or rotating by one (each follows the same other)")
     args = p.parse_args()
@@ -107,6 +110,9 @@ def main() -> None:
         models["unmerged-compared" + (f"-{k}" if k > 1 else "")] = _with_layer_from(built["unmerged"], path)
     if args.floor:
         models["unmerged-floor"] = _floor(built["unmerged"])
+    if args.packed:
+        models["unmerged-packed"] = copy.deepcopy(built["unmerged"])
+        pack_lora(models["unmerged-packed"])
     del built
 
     variants = list(models)

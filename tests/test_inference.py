@@ -144,6 +144,8 @@ def test_bf16_inference_stores_the_linears_in_bf16_and_gets_autocasts_outputs(bf
         assert set(linears.values()) == {torch.bfloat16}  # LoRA's factors too: their input is cast alike
         assert any(".lora_A" in n for n in linears) == (not merge)
         assert any(isinstance(m, LoRALinear) for m in held.model.modules()) == (not merge)
+        # Unmerged, each attention block's query and value are packed (and must give the same bits).
+        assert all(m._packed is not None for m in held.model.modules() if isinstance(m, LoRALinear))
         data = encode_split(load_split(held.task, "validation", None), held.tokenizer, held.max_length)
         batch = collate(data, list(range(8)), held.tokenizer.pad_token_id)
         batch.pop("labels")

@@ -33,7 +33,7 @@ from lorafit.fastpath import (
 )
 from lorafit.flags import INFERENCE_PRECISIONS
 from lorafit.io import atomic_dir, atomic_write_json, read_json, read_yaml_mapping
-from lorafit.lora import load_adapter, merge_and_unload, read_adapter_config, read_adapter_metadata
+from lorafit.lora import load_adapter, merge_and_unload, pack_lora, read_adapter_config, read_adapter_metadata
 from lorafit.lora.adapter import read_adapter_weights
 from lorafit.models import load_model, load_tokenizer
 from lorafit.paths import check_output
@@ -131,7 +131,8 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
     """Load whatever ``path`` holds, ready for inference (eval mode).
 
     With ``merge`` the LoRA layers are merged and unloaded: the model is a plain Transformers
-    model again and runs at the base model's speed. Without it the LoRA branch stays separate.
+    model again and runs at the base model's speed. Without it the LoRA branch stays separate,
+    and the adapted projections of each attention block are packed (:func:`pack_lora`).
     ``precision`` is resolved by :func:`inference_precision` into ``Trained.precision``; in bf16
     the linear layers are stored in bf16 (:func:`cast_linears_bf16`), so the model must run under
     ``trained.autocast()``. The commands pass ``trained``; a caller of this function gets fp32
@@ -181,6 +182,8 @@ def load_trained(path: str | Path, trust_remote_code: bool = False, merge: bool 
         cfg = trained.config
         cast_linears_bf16(trained.model, dora_base=cfg is None or resolve_frozen_bf16(cfg.frozen_bf16, cfg.precision, cfg.method))
     trained.model.to(where)
+    if not merge:  # where the layers' dtype allows (bf16 here): the same bits, fewer operators
+        pack_lora(trained.model)
     return trained
 
 

@@ -173,6 +173,8 @@ def test_infer_and_memory_modes(tmp_path):
     assert main(["bench", "infer", *TINY, "--sides", "lorafit@fp32,lorafit@bf16", "--output", str(both)]) == 0
     runs = [r for r in _records(both) if r["kind"] == "measurement"]
     assert [(r["side"], r["precision"]) for r in runs] == [("lorafit@fp32", "fp32")] * 3 + [("lorafit@bf16", "bf16")] * 3
+    # The unmerged model as `lorafit eval --unmerged` holds it: packed per attention block in bf16.
+    assert [r.get("packed_groups") for r in runs] == [None, 0, None, None, 6, None]
     assert {(r["infer_side"], r["side"]) for r in _records(both) if r["kind"] == "ratio"} == {
         (side, variant) for side in ("lorafit@fp32", "lorafit@bf16") for variant in ("unmerged", "merged")}
     out = tmp_path / "memory.jsonl"

@@ -18,11 +18,11 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_unmerged_latency_times_every_variant_against_the_base_model():
-    done = _run("--compare-layer", str(ROOT / "src" / "lorafit" / "lora" / "layer.py"))
+    done = _run("--compare-layer", str(ROOT / "src" / "lorafit" / "lora" / "layer.py"), "--packed")
     assert done.returncode == 0, done.stderr[-2000:]
     line = re.compile(r"^(\S+)\s+median\s+([\d.]+) ms\s+paired overhead ([+-][\d.]+)%$", re.MULTILINE)
     lines = {m.group(1): float(m.group(3)) for m in line.finditer(done.stdout)}
-    assert set(lines) == {"base", "unmerged", "unmerged-again", "unmerged-compared"}
+    assert set(lines) == {"base", "unmerged", "unmerged-again", "unmerged-compared", "unmerged-packed"}
     assert lines["base"] == 0.0
     assert "batch 1, bf16, 2 inputs" in done.stdout
 

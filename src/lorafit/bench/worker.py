@@ -93,6 +93,7 @@ def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60) 
     (docs/performance/journal.md, "Unmerged inference on the AMD EPYC").
     """
     from lorafit.data import collate
+    from lorafit.lora import pack_lora
 
     data, pad = _inference_data(work)
     models = {v: _inference_model(work, v) for v in variants}
@@ -109,6 +110,8 @@ def infer(work: Workload, side: Side, variants: Sequence[str], calls: int = 60) 
         for model in models.values():
             cast_linears_bf16(model)
     out: dict[str, dict[str, Any]] = {v: {"variant": v, "precision": precision, "warmup_inputs": calls} for v in variants}
+    if "unmerged" in models:  # as `lorafit eval --unmerged` holds it: packed where the dtype allows
+        out["unmerged"]["packed_groups"] = pack_lora(models["unmerged"])
     for batch in (1, 32):
         times: dict[str, list[float]] = {v: [] for v in variants}
         for n in range(2 * calls):  # a warm-up pass, then the timed one over the same inputs

@@ -1,4 +1,5 @@
-"""The LoRA method, in plain PyTorch: the layer, injection, merging and PEFT-format adapters."""
+"""The LoRA method, in plain PyTorch: the layer, injection, merging, packing for unmerged inference and
+PEFT-format adapters."""
 
 from lorafit.lora.adapter import load_adapter, read_adapter_config, read_adapter_metadata, save_adapter
 from lorafit.lora.config import DEFAULT_HEAD_MODULES, DEFAULT_TARGET_MODULES, LoRAConfig, LoRAConfigError
@@ -17,6 +18,7 @@ from lorafit.lora.inject import (
     unmerge_lora,
 )
 from lorafit.lora.layer import LoRALinear
+from lorafit.lora.packed import pack_lora, unpack_lora
 
 __all__ = [
     "DEFAULT_HEAD_MODULES",
@@ -35,9 +37,11 @@ __all__ = [
     "lora_layers",
     "merge_and_unload",
     "merge_lora",
+    "pack_lora",
     "read_adapter_config",
     "read_adapter_metadata",
     "save_adapter",
     "unload_lora",
     "unmerge_lora",
+    "unpack_lora",
 ]

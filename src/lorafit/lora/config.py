@@ -19,6 +19,17 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "distilbert": ("q_lin", "v_lin"),
 }
 
+# The projections that read the same input (an attention block's query, key and value): where
+# several are adapted, `pack_lora` computes their LoRA work as one group for unmerged inference.
+SHARED_INPUT_MODULES: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "key", "value"),
+    "roberta": ("query", "key", "value"),
+    "xlm-roberta": ("query", "key", "value"),
+    "electra": ("query", "key", "value"),
+    "deberta-v2": ("query_proj", "key_proj", "value_proj"),
+    "distilbert": ("q_lin", "k_lin", "v_lin"),
+}
+
 # Modules that are trained in full and saved with the adapter: the task head, which is freshly
 # initialised and must learn. DeBERTa's pooler is new too (it is not in the pretrained
 # checkpoints), unlike BERT's, which is pretrained. Freezing these was the seed project's main bug.

@@ -154,6 +154,8 @@ def unload_lora(model: nn.Module, merge: bool) -> nn.Module:
     """Put each base ``nn.Linear`` back in place of its LoRA wrapper, with the update merged into
     it (``merge``) or taken out of it (the model as it was before :func:`inject_lora`)."""
     for name, layer in list(lora_layers(model)):
+        if layer._packed is not None:
+            layer._packed.dissolve()
         layer.merge() if merge else layer.unmerge()
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

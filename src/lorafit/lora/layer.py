@@ -77,6 +77,7 @@ class LoRALinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(torch.ones(base_layer.out_features, **factory))
         self._dora_norm: torch.Tensor | None = None  # the norm merge() used, which unmerge() needs
         self.merged = False
+        self._packed = None  # the group it computes with in unmerged inference (lorafit.lora.packed)
         if init_lora_weights == "pissa":
             self._pissa_init()  # once: it changes the base weight
         else:
@@ -150,6 +151,11 @@ class LoRALinear(nn.Module):
         return ["lora_A.weight", "lora_B.weight", *dora]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (A packed layer is neither merged nor DoRA's: merge() unpacks, DoRA never packs.)
+        if self._packed is not None and not self.training and not torch.is_grad_enabled():
+            out = self._packed.output(self, x)
+            if out is not None:
+                return out
         if not self.merged and not self.training and self.lora_magnitude_vector is None and not torch.is_grad_enabled():
             return self._forward_no_grad(x)
         result = self.base_layer(x)
@@ -178,26 +184,33 @@ class LoRALinear(nn.Module):
           ``result + s * branch`` in fp32 or wider and rounds once, and ``s * branch`` is exact
           in every dtype, so that is the general path's ``result + round(s * branch)`` (up to an
           overflow of ``s * branch`` itself, which is inf there).
-        Training takes none of this: the gradients of a shared cast would be summed in the low
-        precision.
+        (A layer packed with its siblings by :func:`lorafit.lora.packed.pack_lora` computes with
+        them first, where their group applies.) Training takes none of this: the gradients of a
+        shared cast would be summed in the low precision.
         """
         # Straight from the dicts: `self.lora_A.weight` goes through nn.Module.__getattr__ twice,
         # a visible share of the branch at batch 1.
         modules = self._modules
-        base = modules["base_layer"]
         weight_a = modules["lora_A"]._parameters["weight"]
         dtype = weight_a.dtype
-        # (The device type from flags: `x.device.type` builds a device object, about a point of the
-        # model's time at batch 1 on a CPU.)
-        device_type = "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
-        if x.dtype != dtype and base._parameters["weight"].dtype == dtype and torch.get_autocast_dtype(device_type) == dtype:
-            x = x.to(dtype)  # (without autocast the frozen product would refuse x's dtype)
-        result = base(x)
+        x = self._shared_input(x)
+        result = modules["base_layer"](x)
         hidden = F.linear(x if x.dtype == dtype else x.to(dtype), weight_a)
         lora_out = F.linear(hidden, modules["lora_B"]._parameters["weight"])
         if self._scaling_is_exact and lora_out.dtype == result.dtype:
             return result.add_(lora_out, alpha=self._scaling)
         return result.add_(lora_out.mul_(self._scaling).to(result.dtype))
+
+    def _shared_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` cast once to the layer's dtype where autocast would cast it for the frozen product."""
+        # (The device type from flags: `x.device.type` builds a device object, about a point of the
+        # model's time at batch 1 on a CPU.)
+        device_type = "cpu" if x.is_cpu else "cuda" if x.is_cuda else x.device.type
+        dtype = self._modules["lora_A"]._parameters["weight"].dtype
+        if x.dtype != dtype and self._modules["base_layer"]._parameters["weight"].dtype == dtype \
+                and torch.get_autocast_dtype(device_type) == dtype:
+            return x.to(dtype)  # (without autocast the frozen product would refuse x's dtype)
+        return x
 
     def _dora_extra(self, lora_in: torch.Tensor, result: torch.Tensor, lora_out: torch.Tensor) -> torch.Tensor:
         """What DoRA adds to the base output: (m / ||W + s B A|| - 1) W x + m / ||W + s B A|| s B A x."""
@@ -225,6 +238,8 @@ class LoRALinear(nn.Module):
         """
         if self.merged:
             return
+        if self._packed is not None:  # the group computes unmerged layers only
+            self._packed.dissolve()
         weight = self.base_layer.weight
         merged = weight.float() + self.delta_weight()
         if self.lora_magnitude_vector is not None:  # DoRA: rescale each row to its magnitude
