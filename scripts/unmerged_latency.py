@@ -5,7 +5,7 @@
 
 Builds the models ``lorafit bench infer`` builds (embedded MiniLM, SST-2 dev sentences, a LoRA
 adapter with B != 0, every linear layer held in bf16 as ``lorafit eval`` holds a bf16 run), then
-runs each input through all of them in turn, at batch 1 under bf16 autocast. Prints each
+runs each input through all of them in turn, at batch 1 (``--batch-size``) under bf16 autocast. Prints each
 variant's median latency and its paired overhead: the median over inputs of its time over the
 base model's on the same input.
 
@@ -86,6 +86,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=300, help="timed inputs (each through every variant)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=1, help="examples an input (consecutive dev examples)")
     p.add_argument("--compare-layer", action="append", default=[],
                    help="another checkout's lorafit/lora/layer.py (repeatable: unmerged-compared, -compared-2, ...)")
     p.add_argument("--floor", action="store_true",
@@ -119,7 +120,7 @@ def main() -> None:
     times: dict[str, list[float]] = {v: [] for v in variants}
     order = np.random.default_rng(0)
     for n in range(args.warmup + args.calls):
-        inputs = collate(data, np.arange(n, n + 1) % len(data), pad)
+        inputs = collate(data, np.arange(n * args.batch_size, (n + 1) * args.batch_size) % len(data), pad)
         inputs.pop("labels")
         logits = {}
         # A fresh order for each input (by default): in a fixed rotation each model always follows
@@ -139,7 +140,7 @@ def main() -> None:
     env = environment()
     flags = ", ".join(k for k, on in env["cpu_flags"].items() if on)
     print(f"{env['cpu']} ({flags}), {env['threads']} threads, {env['allocator']}, "
-          f"torch {env['versions']['torch']}, batch 1, bf16, {args.calls} inputs")
+          f"torch {env['versions']['torch']}, batch {args.batch_size}, bf16, {args.calls} inputs")
     for variant in variants:
         paired = statistics.median(t / b for t, b in zip(times[variant], times["base"])) - 1
         print(f"{variant:20s} median {statistics.median(times[variant]) * 1e3:6.2f} ms   paired overhead {paired:+.1%}")
