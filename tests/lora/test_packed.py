@@ -32,6 +32,12 @@ def _packed_model(tiny_model, randomize, arch: str, **lora) -> nn.Module:
     return model.eval()
 
 
+def _packed_and_twin(tiny_model, randomize, arch: str = "bert") -> tuple[nn.Module, nn.Module, int]:
+    """A packed model, its unpacked twin (the same weights), and how many groups it has."""
+    model, twin = _packed_model(tiny_model, randomize, arch), _packed_model(tiny_model, randomize, arch)
+    return model, twin, pack_lora(model)
+
+
 def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -76,9 +82,8 @@ def test_a_shape_whose_bits_differ_is_left_to_the_layers(monkeypatch):
 
 
 def test_a_packed_model_gives_the_unpacked_logits(tiny_model, randomize, batch, arch):
-    model = _packed_model(tiny_model, randomize, arch)
-    twin = _packed_model(tiny_model, randomize, arch)
-    assert pack_lora(model) == 2  # one group (query and value) per attention block, 2 layers
+    model, twin, groups = _packed_and_twin(tiny_model, randomize, arch)
+    assert groups == 2  # one group (query and value) per attention block, 2 layers
     groups = {id(layer._packed) for _, layer in lora_layers(model)}
     assert len(groups) == 2 and None not in groups
     assert torch.equal(_logits(model, batch), _logits(twin, batch))
@@ -89,9 +94,7 @@ def test_a_packed_model_gives_the_unpacked_logits(tiny_model, randomize, batch, 
 
 
 def test_the_group_follows_the_weights(tiny_model, randomize, batch):
-    model = _packed_model(tiny_model, randomize, "bert")
-    twin = _packed_model(tiny_model, randomize, "bert")
-    pack_lora(model)
+    model, twin, _ = _packed_and_twin(tiny_model, randomize)
     for m in (model, twin):  # in place, as an optimizer step or load_state_dict would
         with torch.no_grad():
             m.bert.encoder.layer[0].attention.self.value.lora_B.weight.mul_(-3)
@@ -123,14 +126,16 @@ def test_pack_lora_leaves_alone_what_it_cannot_group(tiny_model, randomize):
 
 def test_a_frozen_layer_with_hooks_runs_them(tiny_model, randomize, batch):
     # A hook on a frozen layer (or Accelerate's replaced forward) runs only if the layer is called.
-    model = _packed_model(tiny_model, randomize, "bert")
-    twin = _packed_model(tiny_model, randomize, "bert")
-    pack_lora(model)
+    model, twin, _ = _packed_and_twin(tiny_model, randomize)
     calls = []
     for m in (model, twin):
         m.bert.encoder.layer[0].attention.self.value.base_layer.register_forward_hook(
             lambda module, args, out: calls.append(1) or out * 2)
     assert torch.equal(_logits(model, batch), _logits(twin, batch)) and len(calls) == 2
+    for m in (model, twin):  # as Accelerate's device hooks replace it
+        base = m.bert.encoder.layer[1].attention.self.query.base_layer
+        base.forward = lambda x, forward=base.forward: forward(x) - 1
+    assert torch.equal(_logits(model, batch), _logits(twin, batch))
     handle = nn.modules.module.register_module_forward_pre_hook(lambda module, args: calls.append(1))
     try:
         assert torch.equal(_logits(model, batch), _logits(twin, batch))
@@ -156,9 +161,8 @@ def test_training_and_autograd_leave_the_group_aside(tiny_model, randomize, batc
 
 @pytest.mark.gpu
 def test_a_packed_model_gives_the_unpacked_logits_on_a_gpu(tiny_model, randomize, batch):
-    model = _packed_model(tiny_model, randomize, "bert").cuda()
-    twin = _packed_model(tiny_model, randomize, "bert").cuda()
-    assert pack_lora(model) == 2
+    model, twin = (m.cuda() for m in _packed_and_twin(tiny_model, randomize)[:2])
+    assert pack_lora(model) == 2  # again, on the GPU
     on_gpu = {k: v.cuda() for k, v in batch.items() if k != "labels"}
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.equal(model(**on_gpu).logits, twin(**on_gpu).logits)
