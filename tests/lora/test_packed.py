@@ -7,7 +7,16 @@ import torch
 from torch import nn
 
 from lorafit.inference import cast_linears_bf16
-from lorafit.lora import LoRAConfig, LoRALinear, inject_lora, lora_layers, merge_lora, pack_lora, unpack_lora
+from lorafit.lora import (
+    LoRAConfig,
+    LoRALinear,
+    inject_lora,
+    lora_layers,
+    merge_lora,
+    pack_lora,
+    packed,
+    unpack_lora,
+)
 from lorafit.lora.packed import PackedGroup
 
 
@@ -79,6 +88,18 @@ def test_a_shape_whose_bits_differ_is_left_to_the_layers(monkeypatch):
         for layer in layers:  # through the layer: its own path, with its own bits
             layer._packed = group
             assert torch.equal(layer(x), layer._forward_no_grad(x))
+
+
+def test_on_a_cpu_a_call_of_many_rows_is_left_to_the_layers(monkeypatch):
+    # Above MAX_ROWS a wide product can take a slower kernel than the layers' own (on AMX from
+    # about 640 rows): not checked, not computed.
+    monkeypatch.setattr(packed, "MAX_ROWS", 4)
+    layers = _integer_layers()
+    group = PackedGroup(layers)
+    with torch.inference_mode():
+        assert group.output(layers[0], torch.ones(5, 32, dtype=torch.bfloat16)) is None
+        assert group._agrees == {} and group._stash is None
+        assert group.output(layers[0], torch.ones(1, 4, 32, dtype=torch.bfloat16)) is not None
 
 
 def test_a_packed_model_gives_the_unpacked_logits(tiny_model, randomize, batch, arch):

@@ -16,8 +16,8 @@ products (the block-diagonal zeros add exact zeros). Whether a kernel sums it in
 depends on the kernel the shape gets, so a group compares its output with its layers' own path,
 bit for bit, the first time it meets a shape (rows and threads), and computes packed only
 for shapes that agreed: the packed path gives :class:`~lorafit.lora.layer.LoRALinear`'s bits,
-which are PEFT's, or is not taken. It is taken for calls of up to ``MAX_ROWS`` tokens, where
-operator calls dominate.
+which are PEFT's, or is not taken. On a CPU it is taken for calls of up to ``MAX_ROWS`` tokens,
+where operator calls dominate.
 
 Like :meth:`~lorafit.lora.layer.LoRALinear.merge`, packing is explicit (:func:`pack_lora`) and
 works from copies (the frozen weights' included: one more copy of each adapted projection's
@@ -40,11 +40,12 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from lorafit.lora.config import SHARED_INPUT_MODULES
 from lorafit.lora.layer import LoRALinear
 
-# Rows (tokens in a call) up to which a group computes packed. Per-operator costs dominate small
-# calls; at larger ones a wide product can take a slower kernel than two narrow ones. Measured on
-# the AMX machine (query and value of the embedded model, bf16, 2 threads): packed took 0.56-0.75x
-# the layers' time from 1 to 512 rows, 1.08x at 640 and 1.48x at 800, where oneDNN runs the
-# 784-wide product on one thread (journal: "Packed unmerged inference").
+# Rows (tokens in a call) up to which a group computes packed on a CPU. Per-operator costs
+# dominate small calls; at larger ones a wide product can take a slower kernel than two narrow
+# ones. Measured on the AMX machine (query and value of the embedded model, bf16, 2 threads):
+# packed took 0.56-0.75x the layers' time from 1 to 512 rows, 1.08x at 640 and 1.48x at 800, where
+# oneDNN runs the 784-wide product on one thread (journal: "Packed unmerged inference"). Not
+# applied on a GPU, where each operator saved is a kernel launch and no such kernel was measured.
 MAX_ROWS = 512
 
 # Precisions packed: fp32 products on a CPU (MKL) sum a wider product in another order (measured,
@@ -100,7 +101,7 @@ class PackedGroup:
                 return out
         self._stash = None
         rows = x.numel() // x.shape[-1]
-        if rows > MAX_ROWS:
+        if rows > MAX_ROWS and x.is_cpu:
             return None
         if self._hooked():
             return None
