@@ -53,7 +53,7 @@ fi
 # 0. The captured whole step against the plain loop, on a tiny BERT (tests/test_step_graph.py):
 #    if this fails, the step-graph sides below are not to be trusted. And `lorafit eval` / `predict`
 #    on the GPU against the CPU (tests/test_inference.py); LoRA's evaluation path against its general
-#    path on the GPU (tests/lora/test_layer.py).
+#    path on the GPU (tests/lora/test_layer.py), and packed against unpacked (tests/lora/test_packed.py).
 echo "== pytest -m gpu ($((SECONDS - start))s elapsed)"
 timeout -k 10 "$(limit_for 120)" python -m pytest -q -m gpu -p no:cacheprovider tests/test_step_graph.py \
   tests/test_inference.py tests/lora/test_layer.py tests/lora/test_packed.py >"$OUT/pytest_gpu.log" 2>&1
@@ -81,7 +81,8 @@ step roberta_b16_pad128 150 train --device cuda --model roberta-base --task sst2
 step minilm_mrpc_step_graph 100 train --device cuda --task mrpc --epochs 1 --batch-size 16 --max-train-samples 3664 \
   --length-buckets 64,128 --repeats 1 --no-peak --sides lorafit@fp32+step_graph
 
-# 4. What the budget leaves: inference latency, base vs LoRA unmerged vs merged (33 s a repeat).
+# 4. What the budget leaves: inference latency, base vs LoRA unmerged (packed, since 2026-12-07) vs
+#    merged (33 s a repeat).
 step roberta_infer 60 infer --device cuda --model roberta-base --task sst2 --repeats 1 --sides lorafit@bf16
 
 files=()
