@@ -66,6 +66,7 @@ def test_a_group_computes_once_and_gives_each_layer_its_own_bits():
         assert out.shape == expected.shape and torch.equal(out, expected)
     # One product gave them all: the others' outputs are views of the first one's storage.
     assert {out.untyped_storage().data_ptr() for out in rest} == {first.untyped_storage().data_ptr()}
+    assert group._stash is None  # all taken: the input is not kept
 
 
 def test_a_shape_whose_bits_differ_is_left_to_the_layers(monkeypatch):

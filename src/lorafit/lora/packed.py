@@ -98,6 +98,8 @@ class PackedGroup:
         if stash is not None and stash[0] is x:  # a sibling computed it, from this same input
             out = stash[1].pop(layer, None)
             if out is not None:
+                if not stash[1]:  # all taken: let the input go
+                    self._stash = None
                 return out
         self._stash = None
         rows = x.numel() // x.shape[-1]
