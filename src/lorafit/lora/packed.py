@@ -61,14 +61,6 @@ class PackedGroup:
         self._stash: tuple[torch.Tensor, dict[LoRALinear, torch.Tensor]] | None = None
         self._pack()
 
-    def _sources(self) -> list[torch.Tensor]:
-        """The tensors the pack is made from, as the layers hold them now."""
-        found = []
-        for layer in self.layers:
-            base = layer.base_layer
-            found += [base.weight, *([] if base.bias is None else [base.bias]), layer.lora_A.weight, layer.lora_B.weight]
-        return found
-
     def _pack(self) -> None:
         with torch.no_grad():
             weights = [layer.base_layer.weight for layer in self.layers]
@@ -87,7 +79,7 @@ class PackedGroup:
         # Checked at every packed computation, so kept to the tensors packed (5.9 us a call through
         # the modules' dicts against 1.3 here, for two layers): a parameter replaced by another
         # object goes unseen, like a write through `.data`.
-        self._made_of = self._sources()
+        self._made_of = _tensors(self.layers)
         self._made_from = [(t.data_ptr(), t._version) for t in self._made_of]
         self._agrees: dict[tuple[int, int], bool] = {}
 
@@ -153,12 +145,16 @@ class PackedGroup:
         self._stash = None
 
 
+def _tensors(layers: list[LoRALinear]) -> list[torch.Tensor]:
+    """The tensors a group of ``layers`` is made from, as the layers hold them now."""
+    return [t for layer in layers for t in (layer.base_layer.weight, layer.base_layer.bias,
+                                            layer.lora_A.weight, layer.lora_B.weight) if t is not None]
+
+
 def packable(layers: list[LoRALinear]) -> bool:
     """Whether ``layers``, as they are now, can be computed as one group: unmerged, without DoRA,
     of one scale, and every tensor in bf16 or fp16 on one device (not ``meta``)."""
-    first = layers[0]
-    tensors = [t for layer in layers for t in (layer.base_layer.weight, layer.base_layer.bias,
-                                                 layer.lora_A.weight, layer.lora_B.weight) if t is not None]
+    first, tensors = layers[0], _tensors(layers)
     return (tensors[0].dtype in _PACKED_DTYPES and not tensors[0].is_meta
             and all(t.dtype == tensors[0].dtype and t.device == tensors[0].device for t in tensors)
             and all(not layer.merged and layer.lora_magnitude_vector is None and layer.scaling == first.scaling
